@@ -1,0 +1,324 @@
+"""Checkpoints on Orbax (local or gs://), resume checks, and preemption handling.
+
+A checkpoint step holds two Orbax items: `state`, a dict of pytrees of arrays (params,
+optimizer state, RNG key data, ...) saved sharded, and `meta`, a JSON dict (resolved config,
+data-pipeline position, anything else a resumed run needs). Orbax writes each step to a
+temporary place and commits it atomically (rename locally, a commit file on GCS), so a process
+killed mid-save leaves the previous step restorable; the partial one is deleted when the next
+`Checkpointer` opens the directory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from r1zero_jax import paths  # first: sets the GCS environment before gcsfs/etils load
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib  # noqa: E402
+from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_lib  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+STATE = "state"
+META = "meta"
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry". Distinct from
+# 143 (128+SIGTERM, what a process killed by SIGTERM reports) so a scheduler or wrapper script
+# can tell "checkpointed and exited on request, restart me" from "killed".
+PREEMPTED_EXIT_CODE = 75
+
+
+def _abspath(directory: str) -> str:
+    return directory if paths.is_gcs(directory) else os.path.abspath(directory)
+
+
+def _check_json(meta: Mapping[str, Any]) -> None:
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"checkpoint meta must be plain JSON (dicts, lists, str, int, float, bool, None); "
+            f"convert numpy/jax values first: {e}"
+        ) from e
+
+
+def _preservation(keep_last: int, keep_every: int | None) -> keep_lib.PreservationPolicy:
+    latest = keep_lib.LatestN(n=keep_last)
+    if keep_every is None:
+        return latest
+    return keep_lib.AnyPreservationPolicy([latest, keep_lib.EveryNSteps(interval_steps=keep_every)])
+
+
+class Checkpointer:
+    """Saves and restores `(state, meta)` every `save_every` steps under `directory`.
+
+    Keeps the last `keep_last` steps plus every step divisible by `keep_every`. With
+    `async_save`, `save` returns once arrays are copied off the devices and writes in the
+    background; the next `save`, `wait` or `close` waits for it.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        save_every: int,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        async_save: bool = True,
+    ):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if keep_every is not None and keep_every < 1:
+            raise ValueError(f"keep_every must be None or >= 1, got {keep_every}")
+        self.directory = _abspath(directory)
+        paths.check_gcs_bucket(self.directory)
+        options = ocp.CheckpointManagerOptions(
+            # Preemption and end-of-run saves come from the trainer with force=True; on a pod
+            # PreemptionGuard.should_stop already agrees on the step across hosts.
+            save_decision_policy=save_lib.FixedIntervalPolicy(save_every),
+            preservation_policy=_preservation(keep_last, keep_every),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
+            options=options,
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(
+        self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any], force: bool = False
+    ) -> bool:
+        """Starts saving `state` (dict of pytrees of arrays) and `meta` (JSON dict) as `step`.
+
+        Without `force`, only steps divisible by `save_every` are saved. A step that already
+        exists is never overwritten. Returns whether a save was started.
+        """
+        if not isinstance(state, Mapping) or not state:
+            raise ValueError("state must be a non-empty dict of pytrees, e.g. {'params': ...}")
+        _check_json(meta)
+        if step in self._manager.all_steps():
+            return False
+        saved = self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardSave(dict(state)), META: ocp.args.JsonSave(dict(meta))}
+            ),
+            force=force,
+        )
+        if saved:
+            log.info("checkpoint step %d started in %s", step, self.directory)
+        return saved
+
+    def restore(
+        self, step: int | None = None, *, abstract_state: Mapping[str, Any]
+    ) -> tuple[dict, dict]:
+        """Restores `(state, meta)` of `step` (default: the latest complete one).
+
+        `abstract_state` has the structure of the saved state, with `jax.ShapeDtypeStruct`
+        leaves whose `.sharding` says where each array goes: a different mesh than at save
+        time reshards on load. Raises FileNotFoundError when there is nothing to restore.
+        """
+        self._manager.wait_until_finished()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"checkpoint step {step} not in {self.directory}; steps: {self.all_steps()}"
+            )
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardRestore(dict(abstract_state)), META: ocp.args.JsonRestore()}
+            ),
+        )
+        return dict(out[STATE]), dict(out[META])
+
+    def wait(self) -> None:
+        """Blocks until the background save (if any) is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _split_step_dir(path: str) -> tuple[str, int | None]:
+    """`.../run/ckpt/120` -> (`.../run/ckpt`, 120); a root directory -> (root, None)."""
+    path = _abspath(path.rstrip("/"))
+    name = path.rsplit("/", 1)[-1]
+    if name.isdigit() and paths.exists(paths.join(path, STATE)):
+        return path[: -len(name) - 1], int(name)
+    return path, None
+
+
+def restore_params(path: str, abstract_params: Any | None = None, key: str = "params") -> Any:
+    """Reads only `state[key]` of a checkpoint, for evaluation and conversion.
+
+    `path` is a checkpoint directory (its latest step is used) or one step directory in it.
+    With `abstract_params` (ShapeDtypeStruct leaves with shardings) arrays land sharded; without,
+    they come back as host numpy arrays with the saved shapes and dtypes.
+    """
+    root, step = _split_step_dir(path)
+    paths.check_gcs_bucket(root)
+    manager = ocp.CheckpointManager(
+        root,
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {root}")
+        saved = manager.item_metadata(step)[STATE]
+        if key not in saved:
+            raise KeyError(f"checkpoint {root}/{step} has no {key!r}; it holds {sorted(saved)}")
+        if abstract_params is None:
+            abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[key])
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_params)
+        else:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+        out = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{STATE: ocp.args.PyTreeRestore(
+                    item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True
+                )}
+            ),
+        )
+        return out[STATE][key]
+    finally:
+        manager.close()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        flat: dict[str, Any] = {}
+        for k, v in tree.items():
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        return flat or {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+_ABSENT = "<absent>"
+
+
+def check_config_compatible(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    allow_change: bool = False,
+    ignore: Iterable[str] = (),
+) -> list[str]:
+    """Compares a checkpoint's config with the current one, as nested JSON dicts.
+
+    Returns the differences as `"dotted.key: old -> new"` lines. Raises ValueError listing
+    them unless `allow_change`. Keys matching a pattern in `ignore` (fnmatch on the dotted
+    key, or a dotted prefix: "train.steps", "*.total_steps", "logging") may change on resume.
+    """
+    ignore = tuple(ignore)
+
+    def ignored(key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) or key.startswith(p + ".") for p in ignore)
+
+    old, new = _flatten(saved), _flatten(current)
+    diffs = [
+        f"{k}: {json.dumps(old.get(k, _ABSENT))} -> {json.dumps(new.get(k, _ABSENT))}"
+        for k in sorted(old.keys() | new.keys())
+        if not ignored(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT)
+    ]
+    if diffs and not allow_change:
+        raise ValueError(
+            "the config differs from the one this checkpoint directory was started with:\n  "
+            + "\n  ".join(diffs)
+            + "\nuse the same config, a new directory, or allow the change explicitly"
+        )
+    return diffs
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (TPU maintenance, spot preemption) into a flag the training loop polls.
+
+        with PreemptionGuard() as guard:
+            for step in ...:
+                ...
+                if guard.should_stop(step):
+                    ckpt.save(step, state, meta, force=True); ckpt.wait()
+                    sys.exit(PREEMPTED_EXIT_CODE)
+
+    Single process: a Python SIGTERM handler sets `.requested`; the previous handler comes back
+    on exit. Multi-process (a pod): JAX's preemption service already owns SIGTERM and
+    `should_stop(step)` asks it, so every host stops at the same step
+    (`jax.experimental.multihost_utils.reached_preemption_sync_point`; all hosts must call it
+    at every step). Must be entered on the main thread.
+    """
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM,)):
+        self._signals = tuple(signals)
+        self._previous: dict[int, Any] = {}
+        self._event = threading.Event()
+        self._multi_host = False
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self._event.set()
+        log.warning("received %s; will checkpoint and stop", signal.Signals(signum).name)
+
+    def should_stop(self, step: int) -> bool:
+        """True when the loop should checkpoint `step` and exit with PREEMPTED_EXIT_CODE."""
+        if self._multi_host:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self._event.set()
+            except RuntimeError as e:
+                raise RuntimeError(
+                    "multi-process run without JAX's preemption service; keep "
+                    "jax_enable_preemption_service on (the default) when calling "
+                    f"jax.distributed.initialize: {e}"
+                ) from e
+        return self.requested
+
+    def __enter__(self) -> PreemptionGuard:
+        self._multi_host = jax.process_count() > 1
+        if self._multi_host:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionGuard must be entered on the main thread (signal handlers)")
+        for s in self._signals:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()

@@ -1,0 +1,423 @@
+"""Qwen2 / Qwen2.5 decoder in Flax NNX, with a KV cache for the sampler.
+
+Shapes: B batch, T query length, S cache slots, D embed, N query heads, K kv heads, G = N // K,
+H head dim, F mlp, V vocab, L layers. Every parameter carries `logical` axis names that
+`r1zero_jax.sharding.LOGICAL_RULES` maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from r1zero_jax import sharding as shd
+
+_NEG_INF = -1e30  # finite, so a fully masked (left-pad) query row gives no NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # hidden_size // num_heads when None
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads"):
+            if int(getattr(self, f)) <= 0:
+                raise ValueError(f"QwenConfig.{f} must be positive, got {getattr(self, f)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                                 f"num_heads={self.num_heads}; give head_dim")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+
+    # -- presets (published config.json values) --------------------------------------------
+    @classmethod
+    def _qwen(cls, hidden, inter, layers, heads, kv, tie, vocab=151936, eps=1e-6, theta=1e6,
+              max_pos=32768):
+        return cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                   num_heads=heads, num_kv_heads=kv, rope_theta=theta, rms_norm_eps=eps,
+                   tie_word_embeddings=tie, max_position_embeddings=max_pos)
+
+    @classmethod
+    def qwen2_5_0_5b(cls):
+        return cls._qwen(896, 4864, 24, 14, 2, True)
+
+    @classmethod
+    def qwen2_5_1_5b(cls):
+        return cls._qwen(1536, 8960, 28, 12, 2, True, max_pos=131072)
+
+    @classmethod
+    def qwen2_5_3b(cls):
+        return cls._qwen(2048, 11008, 36, 16, 2, True)
+
+    @classmethod
+    def qwen2_5_7b(cls):
+        return cls._qwen(3584, 18944, 28, 28, 4, False, vocab=152064, max_pos=131072)
+
+    @classmethod
+    def qwen2_5_14b(cls):
+        return cls._qwen(5120, 13824, 48, 40, 8, False, vocab=152064, eps=1e-5, max_pos=131072)
+
+    @classmethod
+    def qwen2_5_32b(cls):
+        return cls._qwen(5120, 27648, 64, 40, 8, False, vocab=152064, eps=1e-5, max_pos=131072)
+
+    @classmethod
+    def qwen2_5_72b(cls):
+        return cls._qwen(8192, 29568, 80, 64, 8, False, vocab=152064, eps=1e-5, max_pos=131072)
+
+    @classmethod
+    def qwen2_5_math_1_5b(cls):
+        return cls._qwen(1536, 8960, 28, 12, 2, True, theta=10000.0, max_pos=4096)
+
+    @classmethod
+    def qwen2_5_math_7b(cls):
+        return cls._qwen(3584, 18944, 28, 28, 4, False, vocab=152064, theta=10000.0, max_pos=4096)
+
+    @classmethod
+    def preset(cls, name: str) -> "QwenConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return getattr(cls, PRESETS[name])()
+
+    # -- Hugging Face config.json ----------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "QwenConfig":
+        if d.get("model_type") != "qwen2":
+            raise ValueError(f"model_type is {d.get('model_type')!r}; only 'qwen2' (Qwen2/Qwen2.5) "
+                             "is supported")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"rope scaling {rope!r} is not supported (only the default RoPE)")
+        theta = d.get("rope_theta", rope.get("rope_theta"))
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in d]
+        if theta is None:
+            missing.append("rope_theta (or rope_parameters.rope_theta)")
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=int(d["num_attention_heads"]),
+            num_kv_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
+            head_dim=d.get("head_dim"),
+            rope_theta=float(theta),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        )
+
+    @classmethod
+    def from_json_file(cls, path) -> "QwenConfig":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        return cls.from_hf_dict(d)
+
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "use_cache": True,
+            "torch_dtype": torch_dtype,
+        }
+
+
+PRESETS = {
+    "qwen2.5-0.5b": "qwen2_5_0_5b", "qwen2.5-1.5b": "qwen2_5_1_5b", "qwen2.5-3b": "qwen2_5_3b",
+    "qwen2.5-7b": "qwen2_5_7b", "qwen2.5-14b": "qwen2_5_14b", "qwen2.5-32b": "qwen2_5_32b",
+    "qwen2.5-72b": "qwen2_5_72b", "qwen2.5-math-1.5b": "qwen2_5_math_1_5b",
+    "qwen2.5-math-7b": "qwen2_5_math_7b",
+}
+
+
+# -- KV cache ----------------------------------------------------------------------------------
+@flax.struct.dataclass
+class KVCache:
+    """k, v: [L, B, S, K, H]; valid: [B, S] slots holding a real (non-pad) token; index: next slot."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, config: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def logical_axes() -> "KVCache":
+        kv = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+        return KVCache(k=kv, v=kv, valid=("batch", "cache_length"), index=())
+
+    def shardings(self, mesh: Mesh) -> "KVCache":
+        return jax.tree.map(lambda axes: shd.logical_sharding(mesh, axes), KVCache.logical_axes(),
+                            is_leaf=lambda x: isinstance(x, tuple))
+
+
+# -- layers ------------------------------------------------------------------------------------
+def _param(rngs: nnx.Rngs, init, shape, dtype, logical):
+    return nnx.Param(init(rngs.params(), shape, dtype), logical=logical)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = _param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)  # the variance in float32, as HF does
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return self.weight.value.astype(dtype) * x.astype(dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, half-split layout (HF `rotate_half`). x: [B,T,*,H], positions [B,T]."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B,T,1,H]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        w = nnx.initializers.normal(0.02)
+        z = nnx.initializers.zeros
+        self.cfg, self.dtype = cfg, dtype
+        self.q_kernel = _param(rngs, w, (d, n, h), param_dtype, ("embed", "heads", "head_dim"))
+        self.q_bias = _param(rngs, z, (n, h), param_dtype, ("heads", "head_dim"))
+        self.k_kernel = _param(rngs, w, (d, k, h), param_dtype, ("embed", "kv_heads", "head_dim"))
+        self.k_bias = _param(rngs, z, (k, h), param_dtype, ("kv_heads", "head_dim"))
+        self.v_kernel = _param(rngs, w, (d, k, h), param_dtype, ("embed", "kv_heads", "head_dim"))
+        self.v_bias = _param(rngs, z, (k, h), param_dtype, ("kv_heads", "head_dim"))
+        self.o_kernel = _param(rngs, w, (n, h, d), param_dtype, ("heads", "head_dim", "embed"))
+
+    def __call__(self, x, positions, key_valid, key_slot, query_slot, kv=None, index=None):
+        """x [B,T,D]; key_valid [B,S]; key_slot [S]; query_slot [T].
+
+        Without a cache S == T. With a cache (kv = (k [B,S,K,H], v) of this layer), the new keys
+        are written at slots index..index+T-1 and the updated (k, v) are returned.
+        """
+        cfg, dt = self.cfg, self.dtype
+        p = lambda v: v.value.astype(dt)  # noqa: E731
+        q = jnp.einsum("BTD,DNH->BTNH", x, p(self.q_kernel)) + p(self.q_bias)
+        k = jnp.einsum("BTD,DKH->BTKH", x, p(self.k_kernel)) + p(self.k_bias)
+        v = jnp.einsum("BTD,DKH->BTKH", x, p(self.v_kernel)) + p(self.v_bias)
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        if kv is not None:
+            cache_k, cache_v = kv
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+            kv = (k, v)
+        b, t = x.shape[:2]
+        g = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(dt),
+                            preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
+        allowed = key_valid[:, None, None, None, :] & (
+            key_slot[None, :] <= query_slot[:, None])[None, None, None]
+        probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG_INF), axis=-1).astype(dt)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt))
+        out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        return jnp.einsum("BTNH,NHD->BTD", out, p(self.o_kernel)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        w = nnx.initializers.normal(0.02)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.dtype = dtype
+        self.gate_kernel = _param(rngs, w, (d, f), param_dtype, ("embed", "mlp"))
+        self.up_kernel = _param(rngs, w, (d, f), param_dtype, ("embed", "mlp"))
+        self.down_kernel = _param(rngs, w, (f, d), param_dtype, ("mlp", "embed"))
+
+    def __call__(self, x):
+        p = lambda v: v.value.astype(self.dtype)  # noqa: E731
+        gate = jnp.einsum("BTD,DF->BTF", x, p(self.gate_kernel))
+        up = jnp.einsum("BTD,DF->BTF", x, p(self.up_kernel))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p(self.down_kernel))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.attn = Attention(cfg, dtype=dtype, **kw)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, dtype=dtype, **kw)
+
+    def __call__(self, x, positions, key_valid, key_slot, query_slot, kv=None, index=None):
+        a, kv = self.attn(self.input_norm(x), positions, key_valid, key_slot, query_slot, kv, index)
+        x = x + a
+        return x + self.mlp(self.post_attn_norm(x)), kv
+
+
+class Qwen2(nnx.Module):
+    """Qwen2ForCausalLM. `dtype` is the compute dtype, `param_dtype` the storage dtype."""
+
+    def __init__(self, config: QwenConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False, rngs: nnx.Rngs):
+        self.config, self.dtype, self.remat = config, dtype, remat
+        self.embed = _param(rngs, nnx.initializers.normal(0.02),
+                            (config.vocab_size, config.hidden_size), param_dtype, ("vocab", "embed"))
+        self.layers = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                  param_dtype=param_dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, nnx.initializers.normal(0.02),
+                                  (config.hidden_size, config.vocab_size), param_dtype,
+                                  ("embed", "vocab"))
+
+    def hidden_states(self, tokens, positions, mask, cache: KVCache | None = None):
+        """tokens, positions [B,T] int32; mask [B,T] bool -> (final-normed h [B,T,D], cache)."""
+        t = tokens.shape[1]
+        x = jnp.take(self.embed.value, tokens, axis=0).astype(self.dtype)
+        if cache is None:
+            key_valid, key_slot, query_slot = mask, jnp.arange(t), jnp.arange(t)
+        else:
+            s = cache.valid.shape[1]
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+            key_slot, query_slot = jnp.arange(s), cache.index + jnp.arange(t)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            if self.remat and cache is None:
+                x = nnx.remat(lambda m, *a: m(*a)[0])(layer, x, positions, key_valid, key_slot,
+                                                      query_slot)
+            else:
+                x, kv = layer(x, positions, key_valid, key_slot, query_slot, kv,
+                              None if cache is None else cache.index)
+            if cache is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        if cache is not None:
+            cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), valid=key_valid,
+                            index=cache.index + t)
+        return self.final_norm(x), cache
+
+    def logits(self, h):
+        """h [B,T,D] -> float32 logits [B,T,V] (bf16 matmul, float32 accumulation)."""
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("BTD,VD->BTV", h, self.embed.value.astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("BTD,DV->BTV", h, self.lm_head.value.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions, mask, cache: KVCache | None = None):
+        h, cache = self.hidden_states(tokens, positions, mask, cache)
+        return self.logits(h), cache
+
+
+def positions_from_mask(mask):
+    """Left-padded mask [B,T] -> positions [B,T]: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# -- sharded construction -------------------------------------------------------------------
+def _state_shardings(state, mesh: Mesh):
+    def one(v):
+        return shd.logical_sharding(mesh, v.get_metadata().get("logical", (None,) * v.value.ndim))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def check_mesh_fits(config: QwenConfig, mesh: Mesh) -> None:
+    """Refuse, before anything compiles, a mesh that cannot shard this model."""
+    shd.check_divisible(mesh, {"heads": config.num_heads, "kv_heads": config.num_kv_heads,
+                               "vocab": config.vocab_size, "mlp": config.intermediate_size,
+                               "embed": config.hidden_size}, "the model")
+
+
+def abstract_model(config: QwenConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   remat: bool = False) -> Qwen2:
+    """The model with jax.ShapeDtypeStruct leaves: no memory is allocated."""
+    return nnx.eval_shape(lambda: Qwen2(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                        rngs=nnx.Rngs(0)))
+
+
+def num_params(config: QwenConfig) -> int:
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def param_shardings(model: Qwen2, mesh: Mesh):
+    """NamedShardings (an nnx.State) for the model's params, from the LOGICAL_RULES table."""
+    return _state_shardings(nnx.state(model, nnx.Param), mesh)
+
+
+def init_model(config: QwenConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               remat: bool = False, seed: int = 0) -> Qwen2:
+    """Random init, each param created directly in its shards (no full copy on any host)."""
+    check_mesh_fits(config, mesh)
+    abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = _state_shardings(abs_state, mesh)
+
+    def make():
+        model = Qwen2(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                      rngs=nnx.Rngs(seed))
+        return jax.lax.with_sharding_constraint(nnx.state(model), shardings)
+
+    make = jax.jit(make, out_shardings=shardings)
+    return nnx.merge(graphdef, make())
+
+
+def model_from_params(config: QwenConfig, params, *, dtype=jnp.float32, remat: bool = False):
+    """A model around an existing params State (already placed on devices)."""
+    param_dtype = jax.tree.leaves(params)[0].dtype
+    graphdef, _ = nnx.split(abstract_model(config, dtype=dtype, param_dtype=param_dtype,
+                                           remat=remat))
+    return nnx.merge(graphdef, params)

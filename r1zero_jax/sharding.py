@@ -1,0 +1,143 @@
+"""Meshes, the one logical-axis -> mesh-axis table, and placing pytrees on a mesh.
+
+Every array in the project names its dimensions with logical axes (`vocab`, `embed`, `heads`, ...);
+this module alone decides which mesh axis (`data`, `fsdp`, `tensor`) shards each of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The ONE table. Weights are sharded over fsdp on their embed dimension and over tensor on
+# heads/mlp/vocab (Megatron-style); activations and caches over (data, fsdp) on batch.
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "cache_length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "layers": None,
+}
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """'data=-1,fsdp=2,tensor=2' -> {'data': -1, 'fsdp': 2, 'tensor': 2} (missing axes are 1)."""
+    sizes = {a: 1 for a in MESH_AXES}
+    seen = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES:
+            raise ValueError(f"bad mesh spec {spec!r}: each part is AXIS=SIZE with AXIS in {MESH_AXES}")
+        if name in seen:
+            raise ValueError(f"bad mesh spec {spec!r}: axis {name!r} given twice")
+        seen.add(name)
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"bad mesh spec {spec!r}: size of {name!r} is not an integer") from None
+        if sizes[name] == 0 or sizes[name] < -1:
+            raise ValueError(f"bad mesh spec {spec!r}: size of {name!r} must be positive or -1")
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ValueError(f"bad mesh spec {spec!r}: at most one axis may be -1")
+    return sizes
+
+
+def resolve_mesh_shape(spec: str, num_devices: int) -> dict[str, int]:
+    """Fill in the -1 axis and check that the product equals the device count."""
+    sizes = parse_mesh_spec(spec)
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    for name, v in sizes.items():
+        if v == -1:
+            if num_devices % fixed:
+                raise ValueError(
+                    f"mesh {spec!r} does not fit {num_devices} devices: the fixed axes take {fixed}, "
+                    f"which does not divide {num_devices}"
+                )
+            sizes[name] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"mesh {spec!r} does not fit: {' x '.join(f'{k}={v}' for k, v in sizes.items())} = "
+            f"{math.prod(sizes.values())} devices, but {num_devices} are available"
+        )
+    return sizes
+
+
+def make_mesh(spec: str = "data=-1", devices: list | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices of all processes (or `devices`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(spec, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        # Topology-aware placement on TPU (tensor axis on the fastest interconnect).
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # CPU and odd device counts: plain order is as good as any
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def mesh_shape(mesh: Mesh) -> dict[str, int]:
+    return {name: int(size) for name, size in mesh.shape.items()}
+
+
+def logical_to_spec(logical_axes: Iterable[str | None]) -> P:
+    """PartitionSpec for an array whose dimensions carry these logical names."""
+    out = []
+    for name in logical_axes:
+        if name is not None and name not in LOGICAL_RULES:
+            raise KeyError(f"logical axis {name!r} is not in LOGICAL_RULES")
+        out.append(None if name is None else LOGICAL_RULES[name])
+    return P(*out)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Iterable[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def axis_size(mesh: Mesh, logical_name: str) -> int:
+    """How many shards the mesh makes of a dimension with this logical name."""
+    rule = LOGICAL_RULES[logical_name]
+    if rule is None:
+        return 1
+    axes = (rule,) if isinstance(rule, str) else rule
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_divisible(mesh: Mesh, dims: dict[str, int], what: str) -> None:
+    """Refuse a mesh that cannot evenly shard the named dimensions, naming the numbers."""
+    problems = []
+    for name, size in dims.items():
+        shards = axis_size(mesh, name)
+        if size % shards:
+            problems.append(f"{name}={size} is not divisible by {shards} ({LOGICAL_RULES[name]} axis)")
+    if problems:
+        raise ValueError(f"mesh {mesh_shape(mesh)} does not fit {what}: " + "; ".join(problems))
+
+
+def shard_batch(mesh: Mesh, x, logical_axes: tuple[str | None, ...] | None = None):
+    """Place a host array [B, ...] on the mesh with B over (data, fsdp), the rest replicated."""
+    x = np.asarray(x)
+    axes = logical_axes or ("batch",) + (None,) * (x.ndim - 1)
+    sharding = logical_sharding(mesh, axes)
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    # Multi-host: every process holds the full host batch; each device takes its own slice.
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
