@@ -16,7 +16,7 @@ from r1zero_jax.config import (CheckpointConfig, DataConfig, EvalConfig, MeshCon
 def config() -> RunConfig:
     return RunConfig(
         name="qwen2_5_math_7b_dr_grpo",
-        model=ModelConfig(preset="qwen2_5_math_7b", path="gs://YOUR_BUCKET/models/Qwen2.5-Math-7B",
+        model=ModelConfig(preset="qwen2.5-math-7b", path="gs://YOUR_BUCKET/models/Qwen2.5-Math-7B",
                           dtype="bfloat16", param_dtype="float32", remat=True),
         mesh=MeshConfig(spec="data=4,fsdp=4,tensor=2"),
         data=DataConfig(source="math_lvl3to5", template="qwen_math", max_prompt_tokens=512),

@@ -33,7 +33,7 @@ class ModelConfig:
     """Architecture and initial weights. `preset` names a QwenConfig preset, or "custom" for the
     fields below; `path` (HF dir or r1zero-jax checkpoint) loads weights, "" initialises randomly."""
 
-    preset: str = "qwen2_5_math_1_5b"
+    preset: str = "qwen2.5-math-1.5b"
     path: str = ""
     vocab_size: int = 0  # 0: the tokenizer's size (custom models)
     hidden_size: int = 64
@@ -141,7 +141,6 @@ class CheckpointConfig:
 class LogConfig:
     tensorboard: bool = True
     plot: bool = True
-    samples_to_print: int = 0  # responses shown in the console each step
 
 
 @dataclass(frozen=True)
@@ -259,6 +258,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         key = key.strip()
+        fields = [k for k in valid if k.startswith(key + ".")]
+        if fields:
+            raise ValueError(f"--set {key}: {key} is a section; set one of its fields: {', '.join(fields)}")
         if key not in valid:
             raise ValueError(f"--set: unknown key {key!r}; valid keys are: {', '.join(valid)}")
         cfg = _replace_path(cfg, key.split("."), value, key)

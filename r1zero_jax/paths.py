@@ -100,6 +100,9 @@ def makedirs(path: str) -> None:
 
 def open_file(path: str, mode: str = "r") -> IO:
     """Opens a local or gs:// file; parents of a local file opened for writing are created."""
+    if is_gcs(path) and "a" in mode:
+        # gcsfs would silently overwrite: GCS objects are immutable.
+        raise ValueError(f"append mode is not supported on GCS ({path}); use append_text")
     if not is_gcs(path) and any(c in mode for c in "wa"):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return _filesystem(path).open(_strip(path), mode)
@@ -113,6 +116,15 @@ def read_text(path: str) -> str:
 def write_text(path: str, text: str) -> None:
     with open_file(path, "w") as f:
         f.write(text)
+
+
+def append_text(path: str, text: str) -> None:
+    """Appends to a local file; on GCS rewrites the object (O(size): fine for small logs)."""
+    if not is_gcs(path):
+        with open_file(path, "a") as f:
+            f.write(text)
+        return
+    write_text(path, (read_text(path) if exists(path) else "") + text)
 
 
 def remove(path: str, recursive: bool = False) -> None:
@@ -164,7 +176,9 @@ def check_gcs_bucket(path: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         ) from None
     if isinstance(outcome, FileNotFoundError):
         raise ValueError(f"GCS bucket {bucket!r} does not exist at {where} (path {path!r})")
-    if isinstance(outcome, PermissionError) or getattr(outcome, "code", None) in (401, 403):
+    # gcsfs reports 403 as OSError("Forbidden: ...") and 401 as HttpError(code=401).
+    forbidden = isinstance(outcome, OSError) and str(outcome).startswith("Forbidden")
+    if forbidden or isinstance(outcome, PermissionError) or getattr(outcome, "code", None) in (401, 403):
         raise ValueError(f"permission denied on GCS bucket {bucket!r} at {where}: {outcome}")
     if isinstance(outcome, BaseException):
         raise RuntimeError(f"GCS bucket {bucket!r} at {where} is not usable: {outcome!r}")

@@ -26,3 +26,13 @@ def shared_data_dir():
 
 # GCS emulator (fake-gcs-server) session fixture `gcs_emulator`, from tests/gcs_emulator.py.
 from gcs_emulator import gcs_emulator  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    """A directory holding the real Qwen2.5 tokenizer, built offline once per session (~10 s)."""
+    from r1zero_jax.data.qwen_tokenizer import build_qwen_tokenizer
+
+    path = str(tmp_path_factory.mktemp("qwen_tokenizer"))
+    build_qwen_tokenizer(path)
+    return path

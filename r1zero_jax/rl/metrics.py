@@ -1,0 +1,156 @@
+"""Run metrics at the edges: rollout statistics, metrics.jsonl, TensorBoard, the progress line,
+and the reward / length curves PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from r1zero_jax.analysis import has_self_reflection
+
+
+def rollout_metrics(batch, group_size: int) -> dict:
+    """Reward, accuracy, lengths of correct vs incorrect responses, truncation, reflection share,
+    and the share of groups without learning signal."""
+    lengths = batch.lengths.astype(np.float64)
+    good, bad = batch.correct, ~batch.correct
+
+    def mean(x):
+        return float(x.mean()) if x.size else float("nan")
+
+    return {
+        "reward_mean": float(batch.rewards.mean()),
+        "accuracy": float(batch.correct.mean()),
+        "response_length": mean(lengths),
+        "response_length_correct": mean(lengths[good]),
+        "response_length_incorrect": mean(lengths[bad]),
+        "truncation_rate": float(batch.truncated.mean()),
+        "reflection_rate": float(np.mean([has_self_reflection(t) for t in batch.texts])),
+        **group_stats(batch.rewards, group_size),
+    }
+
+
+def group_stats(rewards: np.ndarray, group_size: int) -> dict:
+    """Share of groups whose rewards are all equal (zero advantage: no learning signal)."""
+    g = rewards.reshape(-1, group_size)
+    same = (g == g[:, :1]).all(axis=1)
+    return {"zero_advantage_groups": float(same.mean()),
+            "solved_all_groups": float((g > 0).all(axis=1).mean())}
+
+
+def _fmt_time(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _num(x) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def progress_line(m: dict, total: int, rate_s: float, eta_s: float) -> str:
+    """One console line per step: reward, accuracy, lengths, loss, time split, rate, ETA."""
+    parts = [
+        f"step {m['step']}/{total}",
+        f"reward {m['reward_mean']:.3f}",
+        f"acc {m['accuracy']:.3f}",
+        f"len {_num(m['response_length'])} (ok {_num(m['response_length_correct'])} / "
+        f"wrong {_num(m['response_length_incorrect'])})",
+        f"loss {m['loss']:+.4f}",
+        f"ent {m['entropy']:.3f}",
+        f"clip {m['clip_frac']:.3f}",
+        f"gnorm {m['grad_norm']:.3g}",
+        f"gen {m['gen_tokens_per_s']:.0f} tok/s",
+        f"t s/g/l {m['time_sample_s']:.1f}/{m['time_grade_s']:.1f}/{m['time_learn_s']:.1f}",
+    ]
+    if "eval_accuracy" in m:
+        parts.append(f"EVAL {m['eval_accuracy']:.3f}")
+    parts.append(f"{rate_s:.1f} s/step ETA {_fmt_time(eta_s)}")
+    return " | ".join(parts)
+
+
+class RunLogger:
+    """Writes each step's metrics to metrics.jsonl and TensorBoard and prints the progress line.
+
+    Only one process of a multi-host run writes (`enabled`). On resume, rows after the resumed
+    step are dropped so the file stays one row per step.
+    """
+
+    def __init__(self, workdir: str, total_steps: int, *, start_step: int = 0,
+                 tensorboard: bool = True, enabled: bool = True, printer=print):
+        self.workdir, self.total, self.enabled, self.print = workdir, total_steps, enabled, printer
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.history = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+        self._start_step, self._t0 = start_step, time.perf_counter()
+        self._tb = None
+        if enabled:
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def log(self, metrics: dict) -> None:
+        step = metrics["step"]
+        metrics = {k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
+                   for k, v in metrics.items()}
+        self.history.append(metrics)
+        done = step - self._start_step
+        rate = (time.perf_counter() - self._t0) / max(done, 1)
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics, allow_nan=True) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)) and not math.isnan(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        self.print(progress_line(metrics, self.total, rate, rate * (self.total - step)), flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(history: list[dict], path: str, title: str = "") -> None:
+    """PNG: reward and accuracy (left), response length of correct / incorrect (right) per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    col = lambda k: [r.get(k, float("nan")) for r in history]  # noqa: E731
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(steps, col("reward_mean"), label="reward (train samples)")
+    ev = [(r["step"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
+    if ev:
+        ax1.plot(*zip(*ev), "o-", label="greedy eval accuracy")
+    ax1.set_xlabel("RL step")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.legend()
+    ax1.set_title("reward")
+    ax2.plot(steps, col("response_length"), label="all")
+    ax2.plot(steps, col("response_length_correct"), label="correct")
+    ax2.plot(steps, col("response_length_incorrect"), label="incorrect")
+    ax2.set_xlabel("RL step")
+    ax2.set_ylabel("tokens")
+    ax2.legend()
+    ax2.set_title("response length")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,101 @@
+"""Rollouts: prompts -> sampler (same mesh, same weights) -> decoded text -> rewards -> advantages.
+
+Host-side glue around the sampler and the grader. R = P prompts x G samples; row p*G + j is
+sample j of prompt p, so groups are consecutive rows. Arrays are numpy on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from r1zero_jax.data.pipeline import left_pad
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    prompt_tokens: np.ndarray  # int32 [R, Tp] left-padded
+    prompt_mask: np.ndarray  # bool [R, Tp]
+    tokens: np.ndarray  # int32 [R, Tn] response, right-padded to max_new_tokens
+    mask: np.ndarray  # bool [R, Tn] generated tokens
+    sampler_logp: np.ndarray  # float32 [R, Tn]
+    lengths: np.ndarray  # int32 [R]
+    truncated: np.ndarray  # bool [R] cut at max_new_tokens
+    texts: list[str]
+    answers: list[Any]
+    correct: np.ndarray | None = None  # bool [R], set by `grade`
+    rewards: np.ndarray | None = None  # float32 [R], truncated responses get 0
+
+    @property
+    def size(self) -> int:
+        return len(self.texts)
+
+    def learner_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """tokens int32 [R, Tp + Tn] (prompt ++ response) and their mask."""
+        return (np.concatenate([self.prompt_tokens, self.tokens], axis=1),
+                np.concatenate([self.prompt_mask, self.mask], axis=1))
+
+
+def prompt_length_bucket(longest: int, limit: int) -> int:
+    """Prompt width: the next power of two >= longest (>= 8), capped at `limit`, so only a few
+    shapes compile."""
+    width = 8
+    while width < longest:
+        width *= 2
+    return min(width, max(limit, longest))
+
+
+def prompt_arrays(prompt_tokens: Sequence[Sequence[int]], pad_id: int, limit: int):
+    width = prompt_length_bucket(max(len(p) for p in prompt_tokens), limit)
+    return left_pad(prompt_tokens, pad_id, width)
+
+
+def _pad_to(x: np.ndarray, width: int, value) -> np.ndarray:
+    if x.shape[1] > width:
+        raise ValueError(f"sampler returned {x.shape[1]} new tokens, more than max_new_tokens={width}")
+    return np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+
+def generate(model, prompt_tokens: Sequence[Sequence[int]], answers: Sequence[Any], *, params,
+             tokenizer, mesh, seed, prompts_per_call: int = 0, max_prompt_tokens: int,
+             to_host=np.asarray) -> RolloutBatch:
+    """Sample `params.n` responses per prompt with the sampler; answers repeat per sample."""
+    import jax
+
+    from r1zero_jax.sampling.sampler import sample
+
+    n, width = params.n, params.max_new_tokens
+    per_call = prompts_per_call or len(prompt_tokens)
+    ptok, pmask = prompt_arrays(prompt_tokens, tokenizer.pad_token_id, max_prompt_tokens)
+    parts = []
+    for c, start in enumerate(range(0, len(prompt_tokens), per_call)):
+        sl = slice(start, start + per_call)
+        key = jax.random.fold_in(seed, c) if not isinstance(seed, int) else seed + c
+        out = sample(model, ptok[sl], pmask[sl], params, seed=key, mesh=mesh, tokenizer=tokenizer)
+        parts.append(out)
+    tokens = np.concatenate([_pad_to(np.asarray(to_host(p.tokens)), width, tokenizer.pad_token_id)
+                             for p in parts])
+    mask = np.concatenate([_pad_to(np.asarray(to_host(p.mask)), width, False) for p in parts])
+    logp = np.concatenate([_pad_to(np.asarray(to_host(p.logprobs), np.float32), width, 0.0)
+                           for p in parts])
+    lengths = np.concatenate([np.asarray(to_host(p.lengths)) for p in parts]).astype(np.int32)
+    finish = np.concatenate([np.asarray(p.finish_reason) for p in parts])
+    # The sampler's texts are cut right after a stop string (the r1 template's </answer>).
+    texts = [t for p in parts for t in p.texts]
+    return RolloutBatch(
+        prompt_tokens=np.repeat(ptok, n, axis=0), prompt_mask=np.repeat(pmask, n, axis=0),
+        tokens=tokens, mask=mask, sampler_logp=logp, lengths=lengths,
+        truncated=finish == "length", texts=texts,
+        answers=[a for a in answers for _ in range(n)])
+
+
+def grade(batch: RolloutBatch, template: str, pool) -> RolloutBatch:
+    """Rewards from the real grader; a response cut at the length limit gets 0."""
+    from r1zero_jax.rewards.pool import compute_rewards
+
+    rewards = np.asarray(compute_rewards(batch.texts, batch.answers, template, pool=pool), np.float32)
+    batch.correct = rewards > 0
+    batch.rewards = np.where(batch.truncated, 0.0, rewards).astype(np.float32)
+    return batch

@@ -1,0 +1,322 @@
+"""Batched sampling with a KV cache: one jitted prefill, then one jitted `lax.while_loop` decode.
+
+Shapes: B prompts, Tp prompt length (left-padded), n samples per prompt, R = B*n rows,
+M = max_new_tokens, S = Tp + M cache slots, V vocab.
+
+- The B prompts are prefilled once; their cache is repeated n times along the batch, so row
+  b*n+j is sample j of prompt b. The decode loop stops as soon as every row is done.
+- The model is split into graphdef + params and the jitted functions are pure in the params: the
+  caller's arrays are read in place (the trainer samples with the arrays it trains). The loop
+  state (KV cache, output buffers) is donated from prefill to decode.
+- Batch rows are sharded over (data, fsdp) and the cache's kv heads over tensor; a prompt batch
+  that does not divide the batch shards is padded with dummy rows, dropped on return.
+- Randomness: the token of row r at step i uses key fold_in(fold_in(key(seed), i), r), so a
+  row's sample does not depend on the batch size, the padding or the mesh.
+- Log-probs: `logprobs[r, i]` = log_softmax(logits / temperature)[token], the temperature-scaled
+  distribution BEFORE top-k/top-p filtering (what a learner computing log pi(a|s) from logits /
+  temperature reproduces; at temperature 1 it is the model's own log-prob). Greedy (temperature
+  0) reports log_softmax(logits), the unscaled model.
+- Stops: a row is done after a stop token id (EOS, <|im_end|>: included in tokens and mask) or
+  after the token that completes a stop string (matched in the loop on token bytes, see
+  stop_strings.py; the token is kept). `Rollout.texts` are cut right after the stop string,
+  which stays in the text; a token may carry characters past it that only the text drops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from r1zero_jax import sharding as shd
+from r1zero_jax.models.qwen2 import KVCache, positions_from_mask
+from r1zero_jax.sampling import filters
+from r1zero_jax.sampling import stop_strings as stops
+
+PROMPT_LEN_MULTIPLE = 16  # prompt lengths are left-padded to a multiple of this: fewer compiles
+EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    n: int = 1  # samples per prompt
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False  # no stop ids, no stop strings: exactly max_new_tokens tokens
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings must be non-empty strings")
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Host arrays; row b*n+j is sample j of prompt b. M = max_new_tokens (a fixed width)."""
+
+    tokens: np.ndarray  # int32 [B*n, M], 0 after the end
+    logprobs: np.ndarray  # float32 [B*n, M], 0 after the end
+    mask: np.ndarray  # bool [B*n, M]: generated tokens
+    lengths: np.ndarray  # int32 [B*n]
+    finish_reason: np.ndarray  # str [B*n]: 'stop' or 'length'
+    texts: list[str] | None = None  # decoded, cut after a stop string (with a tokenizer)
+    prefill_batch: int = 0  # rows in the prefill (B rounded up to the batch shards)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one compiled sampler."""
+
+    n: int
+    max_new_tokens: int
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    stop_token_ids: tuple[int, ...]
+    num_stop_strings: int
+    mesh: Mesh
+
+
+@flax.struct.dataclass
+class _Loop:
+    cache: KVCache
+    step: jax.Array  # int32 []: tokens generated so far (the next column)
+    last: jax.Array  # int32 [R]: the last sampled token
+    pos: jax.Array  # int32 [R]: its position
+    tokens: jax.Array  # int32 [R, M]
+    logprobs: jax.Array  # float32 [R, M]
+    lengths: jax.Array  # int32 [R]
+    done: jax.Array  # bool [R]
+    stopped: jax.Array  # bool [R]: done by a stop id or string (else by length)
+    stop_state: jax.Array  # int32 [R, num_stop_strings]: KMP states
+    key: jax.Array
+
+
+def _constrain(x, mesh: Mesh, axes):
+    return jax.lax.with_sharding_constraint(x, shd.logical_sharding(mesh, axes))
+
+
+def _constrain_cache(cache: KVCache, mesh: Mesh) -> KVCache:
+    return jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
+
+
+def _choose(logits, key, step, temperature, top_p, plan: _Plan):
+    """logits [R,V] float32 -> (token [R] int32, log-prob [R] float32)."""
+    if plan.greedy:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = filters.apply_temperature(logits, temperature)
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        kept = filters.top_k_filter(scaled, plan.top_k)
+        if plan.use_top_p:
+            kept = filters.top_p_filter(kept, top_p)
+        step_key = jax.random.fold_in(key, step)
+        rows = jnp.arange(logits.shape[0], dtype=jnp.uint32)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows)
+        token = jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def _advance(loop: _Loop, token, logp, tables, finals, plan: _Plan) -> _Loop:
+    """Record the token of step `loop.step` for rows not yet done; update stops."""
+    i, active = loop.step, ~loop.done
+    hit = jnp.zeros_like(active)
+    if plan.stop_token_ids:
+        hit = jnp.isin(token, jnp.asarray(plan.stop_token_ids, jnp.int32))
+    stop_state = loop.stop_state
+    if plan.num_stop_strings:
+        which = jnp.arange(plan.num_stop_strings)[None, :]
+        stop_state = tables[which, token[:, None], stop_state]  # [R, num_strings]
+        hit = hit | jnp.any(stop_state == finals[None, :], axis=-1)
+    stopped_now = active & hit
+    rows = plan.mesh, ("batch", None)
+    return loop.replace(
+        step=i + 1,
+        last=token,
+        pos=loop.pos + 1,
+        tokens=_constrain(jax.lax.dynamic_update_slice(
+            loop.tokens, jnp.where(active, token, 0)[:, None], (0, i)), *rows),
+        logprobs=_constrain(jax.lax.dynamic_update_slice(
+            loop.logprobs, jnp.where(active, logp, 0.0)[:, None], (0, i)), *rows),
+        lengths=loop.lengths + active.astype(jnp.int32),
+        done=loop.done | stopped_now | (i + 1 >= plan.max_new_tokens),
+        stopped=loop.stopped | stopped_now,
+        stop_state=stop_state,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, graphdef, plan):
+    """Prefill the B prompts once, repeat their cache n times, sample the first token."""
+    model = nnx.merge(graphdef, state)
+    b, tp = tokens.shape
+    n, m, mesh = plan.n, plan.max_new_tokens, plan.mesh
+    cache = _constrain_cache(KVCache.init(model.config, b, tp, model.dtype), mesh)
+    h, cache = model.hidden_states(tokens, positions_from_mask(mask), mask, cache)
+    logits = model.logits(h[:, -1:])[:, 0]  # left padding: the last column is real in every row
+    rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=b * n)
+    pad_slots = ((0, 0), (0, 0), (0, m), (0, 0), (0, 0))
+    cache = _constrain_cache(KVCache(
+        k=jnp.pad(rep(cache.k, axis=1), pad_slots), v=jnp.pad(rep(cache.v, axis=1), pad_slots),
+        valid=jnp.pad(rep(cache.valid, axis=0), ((0, 0), (0, m))), index=cache.index), mesh)
+    r = b * n
+    batch = lambda x: _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
+    loop = _Loop(
+        cache=cache, step=jnp.zeros((), jnp.int32), last=batch(jnp.zeros((r,), jnp.int32)),
+        pos=batch(rep(jnp.sum(mask, axis=-1, dtype=jnp.int32), axis=0) - 1),
+        tokens=batch(jnp.zeros((r, m), jnp.int32)), logprobs=batch(jnp.zeros((r, m), jnp.float32)),
+        lengths=batch(jnp.zeros((r,), jnp.int32)), done=batch(jnp.zeros((r,), bool)),
+        stopped=batch(jnp.zeros((r,), bool)),
+        stop_state=batch(jnp.zeros((r, plan.num_stop_strings), jnp.int32)), key=key)
+    token, logp = _choose(batch(rep(logits, axis=0)), key, 0, temperature, top_p, plan)
+    return _advance(loop, token, logp, tables, finals, plan)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("loop",))
+def _decode(state, loop, temperature, top_p, tables, finals, *, graphdef, plan):
+    """Decode one token per row per iteration until every row is done."""
+    model = nnx.merge(graphdef, state)
+    r = loop.last.shape[0]
+    one = jnp.ones((r, 1), bool)
+
+    def body(loop: _Loop) -> _Loop:
+        h, cache = model.hidden_states(loop.last[:, None], loop.pos[:, None], one, loop.cache)
+        logits = model.logits(h)[:, 0]
+        token, logp = _choose(logits, loop.key, loop.step, temperature, top_p, plan)
+        loop = loop.replace(cache=_constrain_cache(cache, plan.mesh))
+        return _advance(loop, token, logp, tables, finals, plan)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, loop)
+
+
+def default_stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS and Qwen's end-of-turn tokens (<|im_end|>, <|endoftext|>)."""
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(int(vocab[t]) for t in EOS_TOKENS if t in vocab)
+    return tuple(sorted(ids))
+
+
+def _check_prompts(tokens: np.ndarray, mask: np.ndarray, vocab_size: int) -> None:
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise ValueError(f"prompt_tokens {tokens.shape} and prompt_mask {mask.shape} must be the "
+                         "same [B, T] shape")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"empty prompt batch {tokens.shape}")
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"prompts {empty.tolist()[:10]} have no tokens (mask all False)")
+    if np.any(mask[:, :-1] & ~mask[:, 1:]):
+        bad = np.flatnonzero(np.any(mask[:, :-1] & ~mask[:, 1:], axis=1))
+        raise ValueError(f"prompts {bad.tolist()[:10]} are not left-padded (mask goes True then "
+                         "False)")
+    real = tokens[mask]
+    if real.min() < 0 or real.max() >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got "
+                         f"[{real.min()}, {real.max()}]")
+
+
+def _fetch(x) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
+           tokenizer=None) -> Rollout:
+    """Sample `params.n` completions for each left-padded prompt.
+
+    model: a Qwen2 whose params are on `mesh`; prompt_tokens int32 [B, Tp], prompt_mask bool
+    [B, Tp] (left-padded); seed: int or a jax PRNG key; tokenizer: adds its EOS ids to the stop
+    ids, is required for stop strings, and fills `Rollout.texts`.
+    """
+    tokens = np.asarray(prompt_tokens).astype(np.int32)
+    mask = np.asarray(prompt_mask).astype(bool)
+    config = model.config
+    _check_prompts(tokens, mask, config.vocab_size)
+    stop_ids, stop_strs = (), ()
+    if not params.ignore_eos:
+        stop_ids = params.stop_token_ids + (default_stop_token_ids(tokenizer) if tokenizer else ())
+        stop_ids = tuple(sorted(set(stop_ids)))
+        stop_strs = params.stop_strings
+        if stop_strs and tokenizer is None:
+            raise ValueError(f"stop_strings {stop_strs} need a tokenizer")
+    if any(not 0 <= t < config.vocab_size for t in stop_ids):
+        raise ValueError(f"stop_token_ids {stop_ids} must be in [0, {config.vocab_size})")
+
+    b, tp = tokens.shape
+    shards = shd.axis_size(mesh, "batch")
+    bp = -(-b // shards) * shards
+    tpp = -(-tp // PROMPT_LEN_MULTIPLE) * PROMPT_LEN_MULTIPLE
+    padded_tokens = np.zeros((bp, tpp), np.int32)
+    padded_mask = np.zeros((bp, tpp), bool)
+    padded_tokens[:b, tpp - tp:], padded_mask[:b, tpp - tp:] = tokens, mask
+    padded_mask[b:, -1] = True  # dummy one-token prompts, dropped on return
+
+    if stop_strs:
+        tables = jax.device_put(stops.stop_string_tables(tokenizer, config.vocab_size, stop_strs),
+                                shd.replicated(mesh))
+        finals = jax.device_put(stops.final_states(stop_strs), shd.replicated(mesh))
+    else:
+        tables = finals = None
+    plan = _Plan(n=params.n, max_new_tokens=params.max_new_tokens,
+                 greedy=params.temperature == 0, top_k=params.top_k,
+                 use_top_p=params.top_p < 1.0, stop_token_ids=stop_ids,
+                 num_stop_strings=len(stop_strs), mesh=mesh)
+    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    rep = shd.replicated(mesh)
+    key = jax.device_put(key, rep)
+    temperature = jax.device_put(np.float32(params.temperature or 1.0), rep)
+    top_p = jax.device_put(np.float32(params.top_p), rep)
+    graphdef, state = nnx.split(model)
+
+    loop = _prefill(state, shd.shard_batch(mesh, padded_tokens), shd.shard_batch(mesh, padded_mask),
+                    key, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
+    loop = _decode(state, loop, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
+
+    r = b * params.n
+    out_tokens = _fetch(loop.tokens)[:r]
+    lengths = _fetch(loop.lengths)[:r]
+    stopped = _fetch(loop.stopped)[:r]
+    rollout = Rollout(
+        tokens=out_tokens, logprobs=_fetch(loop.logprobs)[:r],
+        mask=np.arange(params.max_new_tokens)[None, :] < lengths[:, None], lengths=lengths,
+        finish_reason=np.where(stopped, "stop", "length"), prefill_batch=bp)
+    if tokenizer is not None:
+        rollout.texts = decode_texts(tokenizer, rollout, stop_strs)
+    return rollout
+
+
+def decode_texts(tokenizer, rollout: Rollout, stop_strings: tuple[str, ...] = ()) -> list[str]:
+    """Each row's generated text (special tokens skipped), cut right after a stop string."""
+    texts = tokenizer.batch_decode([row[:n].tolist() for row, n in
+                                    zip(rollout.tokens, rollout.lengths)],
+                                   skip_special_tokens=True)
+    return [stops.truncate_after(t, stop_strings)[0] for t in texts]

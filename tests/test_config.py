@@ -1,0 +1,132 @@
+"""Run configs: loading configs/*.py, `--set` overrides with type checks, validation, JSON."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from r1zero_jax import config as C
+
+CONFIGS = ["cpu_smoke", "qwen2_5_math_1_5b_dr_grpo", "qwen2_5_math_7b_dr_grpo",
+           "qwen2_5_math_1_5b_grpo"]
+
+
+def test_config_module_does_not_import_jax():
+    code = ("import sys, r1zero_jax.config as c; c.load_config('cpu_smoke'); "
+            "assert 'jax' not in sys.modules, 'jax imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_loads_validates_and_round_trips(name):
+    cfg = C.load_config(name)
+    assert cfg.name == name
+    back = C.from_dict(json.loads(json.dumps(C.to_dict(cfg))))
+    assert back == cfg
+
+
+def test_paper_recipes():
+    dr = C.load_config("qwen2_5_math_1_5b_dr_grpo")
+    grpo = C.load_config("qwen2_5_math_1_5b_grpo")
+    assert (dr.rl.loss, grpo.rl.loss) == ("dr_grpo", "grpo")
+    assert C.diff(dr, grpo) == ["name: 'qwen2_5_math_1_5b_dr_grpo' -> 'qwen2_5_math_1_5b_grpo'",
+                                "rl.loss: 'dr_grpo' -> 'grpo'"]
+    for cfg in (dr, C.load_config("qwen2_5_math_7b_dr_grpo")):
+        assert (cfg.prompts_per_rollout, cfg.rl.group_size, cfg.train.minibatch_size) == (128, 8, 128)
+        assert (cfg.sampling.temperature, cfg.sampling.max_new_tokens) == (1.0, 3000)
+        assert (cfg.optim.learning_rate, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm) == (1e-6, 0.9, 0.95, 1.0)
+        assert cfg.rl.kl_beta == 0.0 and cfg.data.template == "qwen_math"
+
+
+def test_cpu_smoke_asks_for_8_devices_on_data_and_tensor_axes():
+    cfg = C.load_config("cpu_smoke")
+    sizes = C.parse_mesh_spec(cfg.mesh.spec, cfg.mesh.num_cpu_devices)
+    assert cfg.mesh.num_cpu_devices == 8
+    assert sizes["data"] > 1 and sizes["tensor"] > 1
+
+
+def test_overrides_are_typed():
+    cfg = C.load_config("cpu_smoke", ["optim.learning_rate=2e-4", "rl.loss=grpo", "train.steps=3",
+                                      "rl.mask_truncated=true", "model.remat=False"])
+    assert cfg.optim.learning_rate == 2e-4 and isinstance(cfg.optim.learning_rate, float)
+    assert (cfg.rl.loss, cfg.train.steps, cfg.rl.mask_truncated, cfg.model.remat) == ("grpo", 3, True, False)
+    tuple_cfg = C.apply_overrides(C.RunConfig(), [])
+    assert tuple_cfg == C.RunConfig()
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ValueError) as e:
+        C.load_config("cpu_smoke", ["optim.lr=1e-3"])
+    msg = str(e.value)
+    assert "unknown key 'optim.lr'" in msg and "optim.learning_rate" in msg and "rl.group_size" in msg
+
+
+@pytest.mark.parametrize("item,field,typ", [
+    ("train.steps=ten", "train.steps", "int"),
+    ("optim.learning_rate=fast", "optim.learning_rate", "float"),
+    ("rl.mask_truncated=maybe", "rl.mask_truncated", "bool"),
+    ("train.steps=1.5", "train.steps", "int"),
+])
+def test_wrong_type_names_field_and_type(item, field, typ):
+    with pytest.raises(ValueError, match=rf"{field}=.*expected {typ}"):
+        C.load_config("cpu_smoke", [item])
+
+
+def test_section_and_malformed_overrides():
+    with pytest.raises(ValueError, match="is a section"):
+        C.apply_overrides(C.RunConfig(), ["optim=3"])
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        C.apply_overrides(C.RunConfig(), ["optim.learning_rate"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["rl.group_size=3"], "rollout_batch_size=.* not divisible by rl.group_size=3"),
+    (["rl.rollout_batch_size=36", "rl.group_size=4", "train.minibatch_size=12",
+      "train.microbatch_size=12"], "not divisible by the data axis"),
+    (["data.template=chatml"], "unknown template 'chatml'"),
+    (["rl.loss=ppo"], "unknown loss 'ppo'"),
+    (["rl.aggregation=sum"], "rl.aggregation"),
+    (["train.minibatch_size=7"], "not divisible by train.minibatch_size=7"),
+    (["mesh.spec=data=3,tensor=2"], "needs 6 devices, found 8"),
+    (["mesh.spec=rows=8"], "unknown axis 'rows'"),
+])
+def test_bad_configs_name_the_problem(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        C.load_config("cpu_smoke", overrides)
+
+
+def test_mesh_spec_resolution():
+    assert C.parse_mesh_spec("data=-1,tensor=2", 8) == {"data": 4, "tensor": 2}
+    assert C.parse_mesh_spec("data=-1,tensor=2") == {"data": -1, "tensor": 2}
+    with pytest.raises(ValueError, match="not divisible"):
+        C.parse_mesh_spec("data=-1,tensor=3", 8)
+
+
+def test_from_dict_rejects_unknown_keys_and_bad_types():
+    d = C.to_dict(C.RunConfig())
+    d["rl"]["gamma"] = 1.0
+    with pytest.raises(ValueError, match="gamma"):
+        C.from_dict(d)
+    d = C.to_dict(C.RunConfig())
+    d["train"]["steps"] = "many"
+    with pytest.raises(ValueError, match="steps"):
+        C.from_dict(d)
+
+
+def test_missing_config_lists_known_ones(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cpu_smoke"):
+        C.load_config("no_such_config")
+    bad = tmp_path / "bad.py"
+    bad.write_text("def config():\n    return {}\n")
+    with pytest.raises(ValueError, match="expected RunConfig"):
+        C.load_config(str(bad))
+
+
+def test_config_file_path_and_default_name(tmp_path):
+    p = tmp_path / "mine.py"
+    p.write_text("from r1zero_jax.config import RunConfig\n"
+                 "def config():\n    return RunConfig()\n")
+    cfg = C.load_config(str(p), ["mesh.spec=data=1"])
+    assert cfg.name == "mine" and dataclasses.is_dataclass(cfg)

@@ -1,0 +1,156 @@
+"""Multi-host through two local processes x 4 CPU devices, against one process x 8 devices.
+
+This file is also the worker script: `python tests/test_multihost.py worker PORT PID OUT`.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from r1zero_jax import distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESH = "data=2,fsdp=2,tensor=2"
+WORKER_TIMEOUT_S = 240
+
+
+def _tiny_config():
+    from r1zero_jax.models.qwen2 import QwenConfig
+
+    return QwenConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 128, size=(8, 12), dtype=np.int32)
+    mask = np.ones((8, 12), bool)
+    mask[::2, :3] = False  # left padding on half the rows
+    return tokens, mask
+
+
+def _sharded_forward():
+    """Logits [8,12,128] of a tiny Qwen2 sharded over data x fsdp x tensor = 2 x 2 x 2,
+    plus the global sum of squared params (a cross-process reduction), gathered to host."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    from r1zero_jax.models.qwen2 import init_model, positions_from_mask
+    from r1zero_jax.sharding import make_mesh, shard_batch
+
+    mesh = make_mesh(MESH)
+    model = init_model(_tiny_config(), mesh, seed=3)
+    tokens, mask = _batch()
+    tokens, mask = shard_batch(mesh, tokens), shard_batch(mesh, mask)
+
+    @nnx.jit
+    def forward(model, tokens, mask):
+        logits, _ = model(tokens, positions_from_mask(mask), mask)
+        sq = sum(jnp.sum(p.astype(jnp.float32) ** 2)
+                 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        return logits, sq
+
+    logits, sq = forward(model, tokens, mask)
+    logits = multihost_utils.process_allgather(logits, tiled=True)
+    return np.asarray(logits), float(sq)
+
+
+def _worker(port: str, pid: str, out: str) -> None:
+    spec = dist.initialize(f"127.0.0.1:{port}", 2, int(pid), cpu_devices=8, timeout_s=60)
+    import jax
+
+    assert spec is not None and jax.process_count() == 2, jax.process_count()
+    assert jax.local_device_count() == 4 and jax.device_count() == 8, jax.devices()
+    logits, sq = _sharded_forward()
+    np.save(f"{out}.{pid}.npy", logits)
+    with open(f"{out}.{pid}.json", "w") as f:
+        json.dump({"sq": sq, "process_index": jax.process_index(),
+                   "main": dist.is_main_process()}, f)
+    jax.distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    port, out = _free_port(), str(tmp_path / "res")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("R1ZERO_")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(port), str(i), out],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"worker {i} failed:\n{logs[i][-4000:]}"
+
+    import jax
+
+    assert jax.device_count() == 8 and jax.process_count() == 1
+    want_logits, want_sq = _sharded_forward()
+    for i in range(2):
+        got = np.load(f"{out}.{i}.npy")
+        meta = json.load(open(f"{out}.{i}.json"))
+        assert meta["process_index"] == i and meta["main"] == (i == 0)
+        np.testing.assert_allclose(got, want_logits, rtol=1e-5, atol=1e-5)
+        assert meta["sq"] == pytest.approx(want_sq, rel=1e-6)
+    assert np.abs(want_logits).max() > 0  # a real forward, not zeros
+
+
+def test_split_virtual_devices():
+    assert dist.split_virtual_devices(8, 2) == 4
+    assert dist.split_virtual_devices(8, 1) == 8
+    with pytest.raises(ValueError, match="cannot be split evenly over 3"):
+        dist.split_virtual_devices(8, 3)
+    with pytest.raises(ValueError):
+        dist.split_virtual_devices(0, 2)
+
+
+def test_process_spec_from_args_and_env():
+    assert dist.resolve_process_spec(environ={}) is None
+    env = {dist.ENV_COORDINATOR: "10.0.0.2:1234", dist.ENV_NUM_PROCESSES: "4",
+           dist.ENV_PROCESS_ID: "3"}
+    assert dist.resolve_process_spec(environ=env) == dist.ProcessSpec("10.0.0.2:1234", 4, 3)
+    # arguments win field by field
+    assert dist.resolve_process_spec(process_id=1, environ=env) == dist.ProcessSpec(
+        "10.0.0.2:1234", 4, 1)
+    with pytest.raises(ValueError, match="missing --num-processes, --process-id"):
+        dist.resolve_process_spec("h:1", environ={})
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        dist.resolve_process_spec("nohost", 2, 0, environ={})
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
+        dist.resolve_process_spec("h:1", 2, 2, environ={})
+    with pytest.raises(ValueError, match=dist.ENV_NUM_PROCESSES):
+        dist.resolve_process_spec(environ={**env, dist.ENV_NUM_PROCESSES: "four"})
+
+
+def test_set_cpu_device_count_rewrites_xla_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_force_host_platform_device_count=8")
+    with pytest.raises(RuntimeError, match="backend already started"):
+        import jax
+
+        jax.devices()  # the test session's backend is up: too late to change the count
+        dist.set_cpu_device_count(4)
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_foo=1",
+                                               "--xla_force_host_platform_device_count=4"]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    sys.path.insert(0, ROOT)
+    _worker(*sys.argv[2:5])
