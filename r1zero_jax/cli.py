@@ -92,23 +92,39 @@ def _add_train(sub):
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="evaluate on the paper's benchmarks (Table 4 layout)")
-    p.add_argument("--model", help="HF directory or r1zero-jax checkpoint")
-    p.add_argument("--benchmarks", default="aime24,amc23,math500,minerva_math,olympiad_bench")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF directory or r1zero-jax checkpoint")
+    src.add_argument("--responses", default=None,
+                     help="re-grade a saved generations.jsonl (no model)")
+    p.add_argument("--benchmarks", default=None,
+                   help="comma-separated (default: aime24,amc23,math500,minerva_math,"
+                        "olympiad_bench; with --responses: all in the file)")
     p.add_argument("--template", default="qwen_math", choices=["qwen_math", "r1", "no"])
     p.add_argument("--max-new-tokens", type=int, default=3000)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--n", type=int, default=1)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--output-dir", default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--n", type=int, default=1, help="samples per problem (pass@k, mean@k)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="first K problems of each benchmark")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of <name>.jsonl (or evaluation_suite/<name>.jsonl), read as "
+                        "is; else a TFDS data dir")
+    p.add_argument("--source-dir", default=None,
+                   help="JSONL directory to build the TFDS datasets in --data-dir from")
+    p.add_argument("--output-dir", default=None, help="default: eval_results/<model name>")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model's)")
     p.add_argument("--mesh", default="data=-1")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--responses", default=None, help="re-grade saved generations (no model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per sampler call")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="skip (and count) longer prompts")
+    p.add_argument("--workers", type=int, default=None, help="grader processes")
+    p.add_argument("--grader-timeout", type=float, default=5.0, help="seconds per response")
 
     def run(a):
         from r1zero_jax.eval import eval_cli
 
-        eval_cli(**{k: v for k, v in vars(a).items() if k not in ("func", "command")})
+        return eval_cli(**{k: v for k, v in vars(a).items() if k not in ("func", "command")})
 
     p.set_defaults(func=run)
 

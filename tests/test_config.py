@@ -83,8 +83,8 @@ def test_section_and_malformed_overrides():
 
 @pytest.mark.parametrize("overrides,message", [
     (["rl.group_size=3"], "rollout_batch_size=.* not divisible by rl.group_size=3"),
-    (["rl.rollout_batch_size=36", "rl.group_size=4", "train.minibatch_size=12",
-      "train.microbatch_size=12"], "not divisible by the data axis"),
+    (["rl.rollout_batch_size=18", "rl.group_size=2", "train.minibatch_size=18"],
+     r"rl.rollout_batch_size=18 is not divisible by the data axis \(data x fsdp = 4"),
     (["data.template=chatml"], "unknown template 'chatml'"),
     (["rl.loss=ppo"], "unknown loss 'ppo'"),
     (["rl.aggregation=sum"], "rl.aggregation"),

@@ -232,11 +232,11 @@ def restore_params(ckpt_dir: str, config: QwenConfig, mesh: Mesh | None = None) 
         meta = ckptr.metadata(os.path.join(ckpt_dir, "params"))
         tree = getattr(meta, "item_metadata", meta)
         if mesh is None:
-            return ckptr.restore(os.path.join(ckpt_dir, "params"))
+            return _int_keys(ckptr.restore(os.path.join(ckpt_dir, "params")))
         shardings = param_shardings(abstract_model(config), mesh).to_pure_dict()
         target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                               _int_keys(tree), shardings)
-        return ckptr.restore(os.path.join(ckpt_dir, "params"), target)
+        return _int_keys(ckptr.restore(os.path.join(ckpt_dir, "params"), target))
 
 
 def _int_keys(tree):

@@ -83,6 +83,7 @@ class Rollout:
     finish_reason: np.ndarray  # str [B*n]: 'stop' or 'length'
     texts: list[str] | None = None  # decoded, cut after a stop string (with a tokenizer)
     prefill_batch: int = 0  # rows in the prefill (B rounded up to the batch shards)
+    logits: np.ndarray | None = None  # float32 [B*n, M, V] with sample(..., return_logits=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,7 @@ class _Plan:
     stop_token_ids: tuple[int, ...]
     num_stop_strings: int
     mesh: Mesh
+    return_logits: bool = False
 
 
 @flax.struct.dataclass
@@ -112,6 +114,7 @@ class _Loop:
     stopped: jax.Array  # bool [R]: done by a stop id or string (else by length)
     stop_state: jax.Array  # int32 [R, num_stop_strings]: KMP states
     key: jax.Array
+    logits: jax.Array | None  # float32 [R, M, V] raw logits (debugging), else None
 
 
 def _constrain(x, mesh: Mesh, axes):
@@ -140,9 +143,12 @@ def _choose(logits, key, step, temperature, top_p, plan: _Plan):
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-def _advance(loop: _Loop, token, logp, tables, finals, plan: _Plan) -> _Loop:
+def _advance(loop: _Loop, token, logp, logits, tables, finals, plan: _Plan) -> _Loop:
     """Record the token of step `loop.step` for rows not yet done; update stops."""
     i, active = loop.step, ~loop.done
+    if plan.return_logits:
+        loop = loop.replace(logits=jax.lax.dynamic_update_slice(
+            loop.logits, logits[:, None].astype(jnp.float32), (0, i, 0)))
     hit = jnp.zeros_like(active)
     if plan.stop_token_ids:
         hit = jnp.isin(token, jnp.asarray(plan.stop_token_ids, jnp.int32))
@@ -190,9 +196,12 @@ def _prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, gr
         tokens=batch(jnp.zeros((r, m), jnp.int32)), logprobs=batch(jnp.zeros((r, m), jnp.float32)),
         lengths=batch(jnp.zeros((r,), jnp.int32)), done=batch(jnp.zeros((r,), bool)),
         stopped=batch(jnp.zeros((r,), bool)),
-        stop_state=batch(jnp.zeros((r, plan.num_stop_strings), jnp.int32)), key=key)
-    token, logp = _choose(batch(rep(logits, axis=0)), key, 0, temperature, top_p, plan)
-    return _advance(loop, token, logp, tables, finals, plan)
+        stop_state=batch(jnp.zeros((r, plan.num_stop_strings), jnp.int32)), key=key,
+        logits=batch(jnp.zeros((r, m, logits.shape[-1]), jnp.float32)) if plan.return_logits
+        else None)
+    logits = batch(rep(logits, axis=0))
+    token, logp = _choose(logits, key, 0, temperature, top_p, plan)
+    return _advance(loop, token, logp, logits, tables, finals, plan)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("loop",))
@@ -207,7 +216,7 @@ def _decode(state, loop, temperature, top_p, tables, finals, *, graphdef, plan):
         logits = model.logits(h)[:, 0]
         token, logp = _choose(logits, loop.key, loop.step, temperature, top_p, plan)
         loop = loop.replace(cache=_constrain_cache(cache, plan.mesh))
-        return _advance(loop, token, logp, tables, finals, plan)
+        return _advance(loop, token, logp, logits, tables, finals, plan)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, loop)
 
@@ -250,12 +259,13 @@ def _fetch(x) -> np.ndarray:
 
 
 def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
-           tokenizer=None) -> Rollout:
+           tokenizer=None, return_logits: bool = False) -> Rollout:
     """Sample `params.n` completions for each left-padded prompt.
 
     model: a Qwen2 whose params are on `mesh`; prompt_tokens int32 [B, Tp], prompt_mask bool
     [B, Tp] (left-padded); seed: int or a jax PRNG key; tokenizer: adds its EOS ids to the stop
-    ids, is required for stop strings, and fills `Rollout.texts`.
+    ids, is required for stop strings, and fills `Rollout.texts`. return_logits keeps every
+    step's raw logits (debugging and tests: R*M*V floats).
     """
     tokens = np.asarray(prompt_tokens).astype(np.int32)
     mask = np.asarray(prompt_mask).astype(bool)
@@ -289,7 +299,7 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     plan = _Plan(n=params.n, max_new_tokens=params.max_new_tokens,
                  greedy=params.temperature == 0, top_k=params.top_k,
                  use_top_p=params.top_p < 1.0, stop_token_ids=stop_ids,
-                 num_stop_strings=len(stop_strs), mesh=mesh)
+                 num_stop_strings=len(stop_strs), mesh=mesh, return_logits=return_logits)
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     rep = shd.replicated(mesh)
     key = jax.device_put(key, rep)
@@ -308,7 +318,8 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     rollout = Rollout(
         tokens=out_tokens, logprobs=_fetch(loop.logprobs)[:r],
         mask=np.arange(params.max_new_tokens)[None, :] < lengths[:, None], lengths=lengths,
-        finish_reason=np.where(stopped, "stop", "length"), prefill_batch=bp)
+        finish_reason=np.where(stopped, "stop", "length"), prefill_batch=bp,
+        logits=_fetch(loop.logits)[:r] if return_logits else None)
     if tokenizer is not None:
         rollout.texts = decode_texts(tokenizer, rollout, stop_strs)
     return rollout

@@ -1,0 +1,351 @@
+"""Per-chip memory plan of a run, from abstract shapes and the mesh: nothing compiles or allocates.
+
+Counts, per device, what lives in HBM during the two phases of an RL step and takes the larger:
+  resident  params (param_dtype), AdamW mu + nu (optax keeps them in the params' dtype, so
+            float32 with float32 master weights), a frozen reference copy when kl_beta > 0
+  learn     gradients + the accumulation buffer, one layer's all-gathered weights (FSDP), and
+            activations of one microbatch over prompt + max_new_tokens positions (naive
+            attention keeps float32 scores [N, T, T]); with remat only each layer's input stays
+            and one layer is recomputed at a time
+  sample    the KV cache [L, B, S, K, H] of one sampler call (prompts_per_call x group_size
+            sequences, S = prompt + max_new_tokens) in the compute dtype, the decode logits, and
+            one layer's all-gathered weights
+Estimates, not XLA's numbers: a plan "fits" when the peak stays under FIT_FRACTION of HBM, leaving
+room for XLA's scratch buffers and fragmentation.
+
+Accelerator names: v4-N and v5p-N count TensorCores (2 per chip), so v4-64 is 32 chips and
+v5p-128 is 64 chips; v5litepod-N (alias v5e-N) and v6e-N count chips (one TensorCore each), so
+v5e-256 is 256 chips. Multi-host slices have 4 chips per worker VM (v5e/v6e slices of up to 8
+chips are one VM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any
+
+GiB = 2**30
+FIT_FRACTION = 0.9
+
+# generation -> (HBM bytes per chip, TensorCores per chip in the accelerator name, default runtime)
+_GENERATIONS = {
+    "v4": (32 * GiB, 2, "tpu-ubuntu2204-base"),
+    "v5p": (95 * GiB, 2, "v2-alpha-tpuv5"),
+    "v5litepod": (16 * GiB, 1, "v2-alpha-tpuv5-lite"),
+    "v6e": (32 * GiB, 1, "v2-alpha-tpuv6e"),
+}
+_ALIASES = {"v5e": "v5litepod"}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str  # as given to gcloud (--accelerator-type), or cpu-N
+    generation: str
+    chips: int  # JAX devices
+    hosts: int  # worker VMs (processes)
+    hbm_bytes: int  # per chip
+    runtime_version: str = ""
+
+
+def parse_topology(name: str) -> Topology:
+    """'v4-64' -> 32 chips on 8 hosts, 32 GiB each; 'cpu-8' -> 8 host devices sharing RAM."""
+    m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e|cpu)-(\d+)", name.strip().lower())
+    if not m:
+        raise ValueError(f"unknown TPU topology {name!r}: use v4-N, v5p-N, v5litepod-N (v5e-N), "
+                         f"v6e-N or cpu-N, e.g. v4-64")
+    gen, n = _ALIASES.get(m[1], m[1]), int(m[2])
+    if gen == "cpu":
+        if n < 1:
+            raise ValueError(f"{name}: need at least one device")
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return Topology(name, "cpu", n, 1, ram // n)
+    hbm, cores, runtime = _GENERATIONS[gen]
+    if cores == 2 and (n < 8 or n % 8):
+        raise ValueError(f"{name}: {gen}-N counts TensorCores (2 per chip, 4 chips per host); "
+                         f"N must be a multiple of 8, e.g. {gen}-8, {gen}-32, {gen}-64")
+    if cores == 1 and n not in (1, 4, 8) and (n < 16 or n % 16):
+        raise ValueError(f"{name}: {gen}-N counts chips; N is 1, 4, 8 or a multiple of 16")
+    chips = n // cores
+    hosts = 1 if chips <= (4 if cores == 2 else 8) else chips // 4
+    return Topology(f"{gen}-{n}", gen, chips, hosts, hbm, runtime)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one RL step holds on the devices; batch sizes are global (all devices)."""
+
+    train_batch: int  # sequences per forward/backward (train.microbatch_size)
+    train_len: int  # prompt + response positions in the learner
+    accumulation_steps: int  # microbatches per optimizer step (1: no accumulation buffer)
+    sample_batch: int  # sequences per sampler call (prompts_per_call x group_size)
+    sample_len: int  # KV cache slots: prompt + max_new_tokens
+    response_len: int  # positions whose logits the learner computes (max_new_tokens)
+    logits_chunk: int = 0  # LM head over this many positions at once (0: all)
+    remat: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"  # compute dtype (activations, KV cache)
+    reference_model: bool = False  # kl_beta > 0 keeps a frozen copy of the params
+    rollout_sequences: int = 0  # sequences per RL step (for the token budget)
+
+
+def _rule_axes(logical: str | None) -> tuple[str, ...]:
+    from r1zero_jax.sharding import LOGICAL_RULES
+
+    rule = LOGICAL_RULES[logical] if logical is not None else None
+    return () if rule is None else ((rule,) if isinstance(rule, str) else tuple(rule))
+
+
+def _shards(logical: str | None, mesh: dict[str, int]) -> int:
+    return math.prod(mesh.get(a, 1) for a in _rule_axes(logical))
+
+
+def param_leaves(config) -> list[tuple[str, tuple[int, ...], tuple[str | None, ...]]]:
+    """(path, shape, logical axes) of every parameter, from the abstract model (no memory)."""
+    import jax
+    from flax import nnx
+
+    from r1zero_jax.models.qwen2 import abstract_model
+
+    state = nnx.state(abstract_model(config), nnx.Param)
+    out = []
+    for path, v in jax.tree_util.tree_leaves_with_path(
+            state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        shape = tuple(v.get_value().shape)
+        out.append((jax.tree_util.keystr(path), shape,
+                    tuple(v.get_metadata().get("logical", (None,) * len(shape)))))
+    return out
+
+
+def mesh_problems(config, mesh: dict[str, int], w: Workload | None = None) -> list[str]:
+    """Dimensions the mesh cannot shard evenly (JAX would refuse them)."""
+    dims = {"heads": config.num_heads, "kv_heads": config.num_kv_heads,
+            "vocab": config.vocab_size, "mlp": config.intermediate_size,
+            "embed": config.hidden_size}
+    if w is not None:
+        dims_batch = {"train batch (train.microbatch_size)": w.train_batch,
+                      "sampler batch (prompts_per_call x group_size)": w.sample_batch}
+    else:
+        dims_batch = {}
+    out = [f"{k}={v} is not divisible by {_shards(k, mesh)} ({'x'.join(_rule_axes(k))})"
+           for k, v in dims.items() if v % _shards(k, mesh)]
+    out += [f"{k}={v} is not divisible by data x fsdp = {_shards('batch', mesh)}"
+            for k, v in dims_batch.items() if v % _shards("batch", mesh)]
+    return out
+
+
+def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> dict[str, Any]:
+    """The memory plan: per-device bytes by kind, the peak, and whether it fits `hbm_bytes`."""
+    pb, cb = _DTYPE_BYTES[w.param_dtype], _DTYPE_BYTES[w.dtype]
+    leaves = param_leaves(config)
+    num_params = sum(math.prod(s) for _, s, _ in leaves)
+    elems = sum(math.prod(s) // math.prod(_shards(a, mesh) for a in ax) for _, s, ax in leaves)
+    layer_elems = sum(math.prod(s) for p, s, _ in leaves if p.startswith("['layers'][0]"))
+    tensor = mesh.get("tensor", 1)
+    batch_shards = _shards("batch", mesh)
+
+    L, D, F = config.num_layers, config.hidden_size, config.intermediate_size
+    N, K, H, V = config.num_heads, config.num_kv_heads, config.head_dim, config.vocab_size
+    nt, kt, ft, vt = N / tensor, K / tensor, F / tensor, V / tensor
+
+    params = elems * pb
+    optimizer = 2 * elems * pb  # AdamW mu and nu, in the params' dtype
+    reference = params if w.reference_model else 0
+    gradients = elems * pb * (2 if w.accumulation_steps > 1 else 1)
+    # FSDP all-gathers one layer at a time (tensor-sharded), cast to the compute dtype; XLA
+    # prefetches the next, hence two.
+    gathered = 2 * layer_elems / tensor * cb
+
+    b, t = w.train_batch / batch_shards, w.train_len
+    # Saved for the backward pass per layer and token: norm outputs and residuals (4 D), q k v
+    # and attention output ((N + 2K) H + N H), MLP gate, up and product (3 F); plus the float32
+    # scores and compute-dtype probabilities [N, T, T] of the naive attention.
+    per_token = cb * (4 * D + (nt + 2 * kt) * H + nt * H + 3 * ft)
+    layer_act = b * t * per_token + b * nt * t * t * (4 + cb)
+    chunk = min(w.logits_chunk or w.response_len, w.response_len)
+    logits = 3 * b * chunk * vt * 4  # float32 logits, softmax and their gradient
+    if not w.logits_chunk or w.logits_chunk >= w.response_len:
+        logits += b * w.response_len * vt * 4  # unchunked: logits stay alive for the backward
+    hidden = b * t * D * cb * 2  # final hidden states and their gradient
+    act_full = L * layer_act + logits + hidden
+    act_remat = L * b * t * D * cb + layer_act + logits + hidden
+    activations = act_remat if w.remat else act_full
+
+    bs = w.sample_batch / batch_shards
+    kv_cache = 2 * L * bs * w.sample_len * kt * H * cb
+    sample_logits = 2 * bs * vt * 4  # decode logits and the filtered distribution, float32
+
+    # The optimizer update runs after the last microbatch: gradients plus an `updates` tree.
+    learn = max(gradients + gathered + activations, gradients + elems * pb)
+    sample = kv_cache + sample_logits + gathered
+    resident = params + optimizer + reference
+    peak = resident + max(learn, sample)
+    per_device = {
+        "params": params, "optimizer": optimizer, "reference_params": reference,
+        "gradients": gradients, "gathered_weights": gathered, "activations": activations,
+        "activations_no_remat": act_full, "activations_remat": act_remat,
+        "logits": logits, "kv_cache": kv_cache, "sample_logits": sample_logits,
+        "learn_phase": resident + learn, "sample_phase": resident + sample, "peak": peak,
+    }
+    per_device = {k: int(round(v)) for k, v in per_device.items()}
+    problems = mesh_problems(config, mesh, w)
+    fits = not problems and peak <= FIT_FRACTION * hbm_bytes
+    tokens = {
+        "train_tokens_per_device_microbatch": int(b * t),
+        "sample_tokens_per_device_call": int(bs * w.sample_len),
+        "rollout_max_tokens": w.rollout_sequences * w.sample_len,
+    }
+    out = {"num_params": num_params, "mesh": dict(mesh), "per_device_bytes": per_device,
+           "hbm_bytes": int(hbm_bytes), "fits": bool(fits), "mesh_problems": problems,
+           "token_budget": tokens}
+    out["advice"] = advice(out, w, hbm_bytes)
+    return out
+
+
+def advice(plan: dict, w: Workload, hbm_bytes: int) -> list[str]:
+    """What to change, largest saving first, when the plan does not fit."""
+    if plan["fits"]:
+        return []
+    d, tips = plan["per_device_bytes"], []
+    tips += [f"mesh: {p}" for p in plan["mesh_problems"]]
+    budget = FIT_FRACTION * hbm_bytes
+    over = d["peak"] - budget
+    if over <= 0:
+        return tips
+    if d["params"] + d["optimizer"] + d["reference_params"] > 0.6 * budget:
+        tips.append("params + optimizer take most of HBM: raise fsdp (or tensor) in mesh.spec, "
+                    "or use a larger slice")
+    if d["learn_phase"] >= d["sample_phase"]:
+        if not w.remat and d["activations_no_remat"] - d["activations_remat"] > 0:
+            tips.append(f"set model.remat=True (saves "
+                        f"{_gib(d['activations_no_remat'] - d['activations_remat'])})")
+        if (not w.logits_chunk or w.logits_chunk > 512) and w.response_len > 512:
+            tips.append("set train.logits_chunk=512 (the LM head over 512 positions at a time)")
+        b = w.train_batch // max(1, _shards("batch", plan["mesh"]))
+        if b > 1:
+            tips.append(f"lower train.microbatch_size (now {w.train_batch}, {b} per device); "
+                        "gradients accumulate over more microbatches")
+    else:
+        tips.append(f"lower sampling.prompts_per_call (KV cache {_gib(d['kv_cache'])} per device)")
+    return tips
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f} GiB"
+
+
+# -- RunConfig glue ----------------------------------------------------------------------------
+def workload_from_config(cfg) -> Workload:
+    s, rl = cfg.sampling, cfg.rl
+    prompts = s.prompts_per_call or cfg.prompts_per_rollout
+    length = cfg.data.max_prompt_tokens + s.max_new_tokens
+    return Workload(
+        train_batch=cfg.microbatch, train_len=length,
+        accumulation_steps=cfg.train.minibatch_size // cfg.microbatch,
+        sample_batch=prompts * rl.group_size, sample_len=length, response_len=s.max_new_tokens,
+        logits_chunk=cfg.train.logits_chunk, remat=cfg.model.remat,
+        param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+        reference_model=rl.kl_beta > 0, rollout_sequences=rl.rollout_batch_size)
+
+
+def qwen_config_of(cfg):
+    """The architecture a RunConfig names (weights at model.path are not read)."""
+    from r1zero_jax.models.qwen2 import PRESETS, QwenConfig
+
+    m = cfg.model
+    if m.preset in PRESETS.values():  # the method name, as configs/*.py write it
+        return getattr(QwenConfig, m.preset)()
+    if m.preset != "custom":
+        return QwenConfig.preset(m.preset)
+    vocab = m.vocab_size
+    if not vocab:  # the trainer takes the tokenizer's size, rounded up to a multiple of 64
+        if cfg.data.source == "synthetic":
+            from r1zero_jax.data.synthetic import SyntheticTokenizer
+
+            vocab = -(-len(SyntheticTokenizer()) // 64) * 64
+        else:
+            vocab = 151_680  # the Qwen2.5 tokenizer (151,665 tokens)
+    return QwenConfig(vocab_size=vocab, hidden_size=m.hidden_size,
+                      intermediate_size=m.intermediate_size, num_layers=m.num_layers,
+                      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+                      rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps,
+                      tie_word_embeddings=m.tie_word_embeddings,
+                      max_position_embeddings=m.max_position_embeddings)
+
+
+def mesh_for_topology(spec: str, chips: int) -> tuple[dict[str, int], str]:
+    """The config's mesh on `chips` devices; if it was written for another slice, keep its fsdp
+    and tensor sizes and let data take the rest (the returned note says so)."""
+    from r1zero_jax.sharding import parse_mesh_spec, resolve_mesh_shape
+
+    try:
+        return resolve_mesh_shape(spec, chips), ""
+    except ValueError:
+        sizes = parse_mesh_spec(spec)
+        fixed = max(sizes["fsdp"], 1) * max(sizes["tensor"], 1)
+        if chips % fixed:
+            raise ValueError(f"mesh {spec!r} does not fit {chips} chips, and neither does its "
+                             f"fsdp x tensor = {fixed}; pass --set mesh.spec=...") from None
+        new = f"data={chips // fixed},fsdp={max(sizes['fsdp'], 1)},tensor={max(sizes['tensor'], 1)}"
+        return resolve_mesh_shape(new, chips), f"mesh {spec!r} adapted to {chips} chips as {new!r}"
+
+
+def plan_config(cfg, topology: str | None = None) -> dict[str, Any]:
+    """The plan of a RunConfig on a topology (default: the chips its mesh names, v4 assumed;
+    cpu-N for configs with mesh.num_cpu_devices)."""
+    from r1zero_jax.sharding import parse_mesh_spec
+
+    if topology is None:
+        if cfg.mesh.num_cpu_devices:
+            topology = f"cpu-{cfg.mesh.num_cpu_devices}"
+        else:
+            sizes = parse_mesh_spec(cfg.mesh.spec)
+            if -1 in sizes.values():
+                raise ValueError(f"mesh.spec {cfg.mesh.spec!r} does not say how many chips; "
+                                 "give --topology, e.g. v4-64")
+            topology = f"v4-{2 * math.prod(sizes.values())}"
+    topo = parse_topology(topology)
+    mesh, note = mesh_for_topology(cfg.mesh.spec, topo.chips)
+    w = workload_from_config(cfg)
+    out = plan_memory(qwen_config_of(cfg), mesh, w, topo.hbm_bytes)
+    out.update(config=cfg.name, topology=topo.name, chips=topo.chips, hosts=topo.hosts)
+    if note:
+        out["note"] = note
+    return out
+
+
+def format_plan(p: dict) -> str:
+    d = p["per_device_bytes"]
+    mesh = ", ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    lines = [f"{p.get('config', 'plan')} on {p.get('topology', '?')} ({p.get('chips', '?')} chips, "
+             f"{p.get('hosts', '?')} hosts), mesh {mesh}; {p['num_params']:,} params"]
+    if p.get("note"):
+        lines.append(f"  note: {p['note']}")
+    lines.append("  per device:")
+    for k in ("params", "optimizer", "reference_params", "gradients", "gathered_weights",
+              "activations", "activations_no_remat", "activations_remat", "logits", "kv_cache",
+              "sample_logits", "learn_phase", "sample_phase", "peak"):
+        lines.append(f"    {k:<22}{_gib(d[k]):>12}")
+    tb = p["token_budget"]
+    lines.append(f"  tokens: {tb['train_tokens_per_device_microbatch']:,} per device per "
+                 f"microbatch, {tb['sample_tokens_per_device_call']:,} KV slots per device per "
+                 f"sampler call, up to {tb['rollout_max_tokens']:,} per rollout")
+    verdict = "fits" if p["fits"] else "does NOT fit"
+    lines.append(f"  HBM {_gib(p['hbm_bytes'])} per chip: peak {_gib(d['peak'])} "
+                 f"({d['peak'] / p['hbm_bytes']:.0%}) {verdict} (limit {FIT_FRACTION:.0%})")
+    lines += [f"  - {t}" for t in p["advice"]]
+    return "\n".join(lines)
+
+
+def plan_cli(config_path: str, overrides=(), topology: str | None = None,
+             as_json: bool = False) -> int:
+    from r1zero_jax.config import load_config
+
+    cfg = load_config(config_path, list(overrides))
+    p = plan_config(cfg, topology)
+    print(json.dumps(p, indent=2) if as_json else format_plan(p))
+    return 0 if p["fits"] else 1

@@ -1,0 +1,132 @@
+"""HF safetensors <-> r1zero-jax checkpoint conversion, both ways, and its errors."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1zero_jax import cli
+from r1zero_jax.convert import hf as conv
+from r1zero_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
+from r1zero_jax.models.qwen2 import positions_from_mask
+from r1zero_jax.sharding import make_mesh
+from hf_models import hf_logits, left_padded_batch, make_hf_model
+
+
+def _tensors(path):
+    files = conv._hf_tensor_files(str(path))
+    return {name: np.array(f.get(name)) for name, f in files.items()}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, tie, qwen_tokenizer_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, ours, back = tmp_path / "src", tmp_path / "ours", tmp_path / "back"
+    make_hf_model(src, tie=tie, heads=4, kv_heads=2)
+    for fn in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(qwen_tokenizer_dir, fn), src / fn)
+
+    assert cli.main(["convert", "from-hf", str(src), str(ours)]) == 0
+    assert cli.main(["convert", "to-hf", str(ours), str(back), "--dtype", "float32"]) == 0
+
+    a, b = _tensors(src), _tensors(back)
+    assert set(a) == set(b)
+    assert ("lm_head.weight" in b) == (not tie)  # tied stays tied
+    for name in a:
+        assert a[name].dtype == b[name].dtype == np.float32
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert json.load(open(back / "config.json"))["eos_token_id"] == 2  # source fields kept
+
+    ref = AutoModelForCausalLM.from_pretrained(src).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(back).eval()
+    tokens, mask = left_padded_batch(96, [6, 3])
+    pos = np.asarray(positions_from_mask(jnp.asarray(mask)))
+    np.testing.assert_array_equal(hf_logits(ref, tokens, mask, pos),
+                                  hf_logits(loaded, tokens, mask, pos))
+    tok = AutoTokenizer.from_pretrained(back)
+    assert tok.decode(tok("1 + 1 = \\boxed{2}")["input_ids"]) == "1 + 1 = \\boxed{2}"
+
+
+def test_our_checkpoint_loads_sharded_with_same_logits(tmp_path):
+    make_hf_model(tmp_path / "src", hidden=64, inter=96, vocab=128)
+    conv.convert_from_hf(str(tmp_path / "src"), str(tmp_path / "ours"))
+    tokens, mask = left_padded_batch(128, [5, 2, 5, 4])
+    pos = positions_from_mask(jnp.asarray(mask))
+    outs = []
+    for path, spec in [(tmp_path / "src", "data=1"), (tmp_path / "ours", "fsdp=4,tensor=2")]:
+        devices = jax.devices()[:1] if spec == "data=1" else None
+        model, _, tok = conv.load_model(str(path), make_mesh(spec, devices))
+        assert tok is None  # no tokenizer files in this source
+        outs.append(np.asarray(model(jnp.asarray(tokens), pos, jnp.asarray(mask))[0]))
+    np.testing.assert_allclose(outs[0][mask], outs[1][mask], atol=1e-5)
+
+
+def test_bf16_export_and_sharded_safetensors(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    make_hf_model(tmp_path / "src")
+    params, cfg = conv.load_params(str(tmp_path / "src"))
+    monkeypatch.setattr(conv, "MAX_SHARD_BYTES", 20_000)  # force several shards
+    conv.write_hf_dir(str(tmp_path / "out"), params, cfg, dtype="bfloat16")
+    index = json.load(open(tmp_path / "out" / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 2
+    back, _ = conv.load_params(str(tmp_path / "out"))
+    for leaf_a, leaf_b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+        assert leaf_b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(leaf_a).astype(jnp.bfloat16), leaf_b)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert str(model.dtype) == "torch.bfloat16"
+
+
+def test_safetensors_writer_reader_round_trip(tmp_path):
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "b": np.array([1.5, -2], dtype=jnp.bfloat16), "c": np.zeros((0, 4), np.float32)}
+    write_safetensors(str(tmp_path / "x.safetensors"), arrays)
+    from safetensors.numpy import load_file
+
+    assert load_file(str(tmp_path / "x.safetensors"))["a"].tolist() == arrays["a"].tolist()
+    f = SafetensorsFile(str(tmp_path / "x.safetensors"))
+    for k, v in arrays.items():
+        assert f.get(k).dtype == v.dtype and np.array_equal(f.get(k), v)
+
+
+def test_clear_errors(tmp_path):
+    src = tmp_path / "src"
+    make_hf_model(src)
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        conv.load_params(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        conv.load_params(str(tmp_path / "nowhere"))
+
+    bad = tmp_path / "malformed"
+    shutil.copytree(src, bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        conv.load_params(str(bad))
+    cfg = json.load(open(src / "config.json"))
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="only 'qwen2'"):
+        conv.load_params(str(bad))
+
+    tensors = _tensors(src)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    write_safetensors(str(bad / "model.safetensors"),
+                      {k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k})
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' is missing"):
+        conv.load_params(str(bad))
+    wrong = dict(tensors)
+    wrong["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
+    write_safetensors(str(bad / "model.safetensors"), wrong)
+    with pytest.raises(ValueError, match=r"k_proj.weight' has shape \(8, 32\), expected \(16, 32\)"):
+        conv.load_params(str(bad))
+    (bad / "model.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        conv.load_params(str(bad))
+
+    # The CLI turns these into one line on stderr and exit code 2, not a traceback.
+    assert cli.main(["convert", "to-hf", str(src), str(tmp_path / "x")]) == 2

@@ -1,0 +1,154 @@
+"""Equivalence: the labelled corpus, the real benchmark answers, and safety of the parser."""
+
+import builtins
+import collections
+import glob
+import importlib
+import json
+import os
+
+import pytest
+import sympy
+
+from r1zero_jax.rewards import extract_answer, is_equiv
+from r1zero_jax.rewards import math_grader
+from r1zero_jax.rewards.latex_parse import ParseError, TooBig, parse_latex
+from r1zero_jax.rewards.normalize import normalize, quick_verdict
+
+CORPUS = os.path.join(os.path.dirname(__file__), "data", "grader_corpus.jsonl")
+REQUIRED_CATEGORIES = {
+    "fraction", "mixed_number", "decimal_vs_fraction", "sqrt", "pi", "percent", "degrees", "thousands",
+    "scientific", "units_text", "dollars", "left_right", "tuple", "interval", "set", "equation_lhs",
+    "choice", "infinity", "signs", "trailing_punct", "amc_float_ref", "list_refs", "hostile",
+    "r1_format", "extract_fbox", "extract_no_braces", "extract_none", "matrix",
+}
+
+
+def _corpus():
+    with open(CORPUS) as f:
+        return [json.loads(line) for line in f]
+
+
+def _grade(row) -> float:
+    pred = extract_answer(row["response"], row["template"])
+    return float(pred is not None and is_equiv(pred, row["answer"]))
+
+
+def test_corpus_is_large_balanced_and_covers_every_form():
+    rows = _corpus()
+    assert len(rows) >= 300
+    counts = collections.Counter(r["expected"] for r in rows)
+    assert counts[1.0] >= 100 and counts[0.0] >= 100
+    assert REQUIRED_CATEGORIES <= {r["category"] for r in rows}
+
+
+def test_corpus_graded_right():
+    wrong = [(r["id"], r["category"], r["answer"]) for r in _corpus() if _grade(r) != r["expected"]]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("pred, ref, want", [
+    ("(2,1)", "(1,2)", False),
+    ("[0,1]", "[0,1)", False),
+    ("1/3", "0.33", False),
+    ("0.5", "\\frac{1}{2}", True),
+    ("\\{2,1\\}", "\\{1,2\\}", True),
+    ("142", 142.0, True),  # AMC answers stored as floats
+    ("5", ["4", "5"], True),
+])
+def test_traps(pred, ref, want):
+    assert is_equiv(pred, ref) is want
+
+
+def test_numeric_tolerance_only_for_decimals():
+    assert is_equiv("0.333", "\\frac{1}{3}") is False  # relative error 1e-3 > REL_TOL
+    assert is_equiv("0.33333", "\\frac{1}{3}") is True
+    assert is_equiv("\\sqrt{2}+10^{-9}", "\\sqrt{2}") is False  # exact forms compare exactly
+
+
+def test_quick_verdict_settles_plain_numbers_without_sympy():
+    assert quick_verdict("25", ["025"]) is True
+    assert quick_verdict("24", ["025"]) is False
+    assert quick_verdict("\\sqrt{8}", ["2\\sqrt{2}"]) is None
+    assert normalize("\\$1,000.").text == "1000"
+
+
+def test_every_benchmark_reference_grades_correct_against_itself(shared_data_dir):
+    """All 1,560 reference answers of the five evaluation sets, boxed, match their own reference."""
+    files = sorted(glob.glob(os.path.join(shared_data_dir, "evaluation_suite", "*.jsonl")))
+    assert len(files) == 5
+    total, wrong = 0, []
+    for path in files:
+        with open(path) as f:
+            for line in f:
+                ans = json.loads(line)["answer"]
+                first = ans[0] if isinstance(ans, list) else ans
+                pred = extract_answer(f"The answer is $\\boxed{{{first}}}$.", "qwen_math")
+                total += 1
+                if pred is None or not is_equiv(pred, ans):
+                    wrong.append((os.path.basename(path), ans))
+    assert total == 1560
+    assert wrong == []
+
+
+def test_references_do_not_match_other_problems(shared_data_dir):
+    """Cross-grading: MATH-500 gold answers almost never match a different problem's answer."""
+    with open(os.path.join(shared_data_dir, "evaluation_suite", "math500.jsonl")) as f:
+        answers = [json.loads(line)["answer"] for line in f]
+    shifted = answers[7:] + answers[:7]
+    hits = [(a, b) for a, b in zip(answers, shifted) if is_equiv(a, b)]
+    # Only genuinely equal values may match (MATH-500 has repeated small integers).
+    assert all(normalize(a).text == normalize(b).text for a, b in hits), hits
+    assert len(hits) < 25
+
+
+def test_math500_gold_solutions_all_rewarded(shared_data_dir):
+    """Real worked solutions (full text with \\boxed{} at the end) against `gt_answer`: 500 of 500."""
+    with open(os.path.join(shared_data_dir, "math500_gold_solutions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    rewards = [_grade({"response": r["output"], "template": "qwen_math", "answer": r["gt_answer"]})
+               for r in rows]
+    assert len(rows) == 500 and sum(rewards) == 500
+
+
+def test_parser_never_reaches_eval(monkeypatch):
+    """Grading the corpus (hostile rows included) calls no eval/exec and never sympy's parse_expr
+    (which every `sympify` of a string goes through)."""
+    calls = []
+
+    def forbidden(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError(f"forbidden call with {args!r:.80}")
+
+    sympy_parser = importlib.import_module("sympy.parsing.sympy_parser")
+    monkeypatch.setattr(sympy_parser, "parse_expr", forbidden)
+    monkeypatch.setattr(builtins, "eval", forbidden)
+    monkeypatch.setattr(builtins, "exec", forbidden)
+    with pytest.raises(AssertionError, match="forbidden"):  # the guard is live
+        sympy.sympify("1+1")
+    calls.clear()
+    math_grader._parse.cache_clear()  # parse everything afresh under the guards
+    normalize.cache_clear()
+    for row in _corpus():
+        assert _grade(row) == row["expected"]
+    assert calls == []
+
+
+@pytest.mark.parametrize("text", [
+    "9^{9^{9^{9}}}", "2^{2^{2^{2^{2^{2}}}}}", "10^{100000}", "(10^{100})!", "1000!",
+    "\\binom{100000}{5}", "1" * 500, "(" * 100 + "1" + ")" * 100,
+])
+def test_size_guards_refuse_huge_values(text):
+    with pytest.raises(ParseError):  # TooBig is a ParseError
+        parse_latex(text)
+
+
+def test_parser_builds_exact_values():
+    assert parse_latex("2\\frac{1}{2}").expr == sympy.Rational(5, 2)
+    assert parse_latex("3.3\\times10^{12}").expr == sympy.Integer(3_300_000_000_000)
+    assert parse_latex("\\sqrt[3]{27}").expr == 3
+    assert parse_latex("0.1").inexact and not parse_latex("\\frac{1}{10}").inexact
+    with pytest.raises(TooBig):
+        parse_latex("3^{3^{3^{3}}}")
+    with pytest.raises(ParseError, match="unexpected character"):
+        parse_latex("__import__('os')")

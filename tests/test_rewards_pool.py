@@ -1,0 +1,135 @@
+"""The bounded worker pool: hostile inputs, timeouts, dead workers, the reward API and the CLI path."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from r1zero_jax.rewards import GraderPool, compute_rewards, grade_file
+
+CORPUS = os.path.join(os.path.dirname(__file__), "data", "grader_corpus.jsonl")
+
+# 30 distinct symbolic items in reverse order: matching them takes ~0.1 s of sympy work.
+_SLOW_ITEMS = [f"\\sqrt{{{k}}}+\\frac{{\\pi}}{{{k + 1}}}x^{{{k}}}" for k in range(2, 32)]
+SLOW_PRED = "\\boxed{\\{" + ",".join(_SLOW_ITEMS) + "\\}}"
+SLOW_REF = "\\{" + ",".join(reversed(_SLOW_ITEMS)) + "\\}"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with GraderPool(workers=2, timeout_s=2.0) as p:
+        p.grade(["\\boxed{\\sqrt{8}}"] * 2, ["2\\sqrt{2}"] * 2)  # workers up before timing
+        yield p
+
+
+def _pids(p: GraderPool) -> list[int]:
+    return [w.proc.pid for w in p._workers]
+
+
+def test_corpus_through_pool_matches_labels(pool):
+    with open(CORPUS) as f:
+        rows = [json.loads(line) for line in f]
+    for template in ("qwen_math", "r1", "no"):
+        sub = [r for r in rows if r["template"] == template]
+        res = pool.grade([r["response"] for r in sub], [r["answer"] for r in sub], template)
+        assert [r.reward for r in res] == [r["expected"] for r in sub]
+        assert not any(r.timed_out for r in res)
+
+
+def test_hostile_inputs_score_zero_fast_without_side_effects(pool, tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = [
+        f"\\boxed{{__import__('os').system('touch {marker}')}}",
+        f"\\boxed{{exec(\"open('{marker}', 'w')\")}}",
+        "\\boxed{9^{9^{9^{9}}}}",
+        "\\boxed{10^{10^{10^{10}}}}",
+        "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
+        "\\boxed{" + "\\sqrt{" * 10_000 + "1" + "}" * 10_000 + "}",
+        "x" * 5_000_000 + "\\boxed{1}",
+        "\\boxed{\\frac{1}{0}}",
+        "\\boxed{(10^{100})!}",
+        "\\boxed{" + "{" * 900 + "1" + "}" * 900 + "}",  # short enough to reach the parser
+        "\\boxed{" + "\\sqrt{" * 250 + "2" + "}" * 250 + "}",
+    ]
+    refs = ["0", "0", "1", "1", "1", "1", "1", "\\infty", "1", "2", "2"]
+    t = time.perf_counter()
+    res = pool.grade(hostile, refs)
+    assert time.perf_counter() - t < 2.0 + 1.0
+    assert [r.reward for r in res] == [0.0] * len(hostile)
+    assert not marker.exists()
+    # still serving, with correct answers
+    assert [r.reward for r in pool.grade(["\\boxed{\\sqrt{8}}", "\\boxed{2}"], ["2\\sqrt{2}", "3"])] == [1.0, 0.0]
+
+
+def test_timeout_kills_and_replaces_the_worker():
+    with GraderPool(workers=1, timeout_s=0.01) as p:
+        p.grade(["\\boxed{\\sqrt{8}}"], ["2\\sqrt{2}"])  # wait until the worker is up
+        before = _pids(p)
+        res = p.grade([SLOW_PRED, "\\boxed{7}"], [SLOW_REF, "7"])
+        assert res[0].timed_out and res[0].reward == 0.0
+        assert res[1].reward == 1.0 and not res[1].timed_out  # fast path, unaffected
+        assert _pids(p) != before and p.timeouts == 1
+        with pytest.raises(ProcessLookupError):
+            os.kill(before[0], 0)
+    # with time to spare, the same pair is a correct answer
+    with GraderPool(workers=1, timeout_s=5.0) as p:
+        assert p.grade([SLOW_PRED], [SLOW_REF])[0].reward == 1.0
+
+
+def test_dead_workers_are_replaced_and_the_batch_completes(pool):
+    pool.grade(["\\boxed{\\sqrt{8}}"], ["2\\sqrt{2}"])
+    for pid in _pids(pool):
+        os.kill(pid, signal.SIGKILL)
+    res = pool.grade(["\\boxed{\\sqrt{8}}", "\\boxed{\\sqrt{12}}", "\\boxed{x+1}"],
+                     ["2\\sqrt{2}", "2\\sqrt{3}", "1+x"])
+    assert [r.reward for r in res] == [1.0, 1.0, 1.0]
+
+
+def test_compute_rewards_api(pool):
+    responses = ["so \\boxed{\\frac{1}{2}}", "so \\boxed{0.33}", "no box", " a </think> <answer> 4 </answer>"]
+    answers = ["0.5", "\\frac13", "1", ["4"]]
+    assert compute_rewards(responses, answers, "qwen_math", pool=pool) == [1.0, 0.0, 0.0, 0.0]
+    assert compute_rewards(responses, answers, "r1", pool=pool) == [0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="2 responses but 1 answers"):
+        compute_rewards(["a", "b"], ["1"], pool=pool)
+    with pytest.raises(TypeError, match="answer 0"):
+        compute_rewards(["a"], [[]], pool=pool)
+    with pytest.raises(TypeError, match="response 0 is bytes"):
+        compute_rewards([b"a"], ["1"], pool=pool)
+
+
+def test_rewards_package_does_not_import_jax():
+    code = "import sys, r1zero_jax.rewards; assert 'jax' not in sys.modules and 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_grade_file_writes_rows_and_reports(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    rows = [
+        {"response": "\\boxed{3}", "answer": "3"},
+        {"response": "\\boxed{(1,2)}", "answer": "(2,1)", "id": 7},
+        {"response": " x </think> <answer> 5 </answer>", "answer": ["5"], "template": "r1"},
+        {"response": "nothing", "answer": 21.0},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    assert grade_file(str(src), str(out), workers=1) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["reward"] for g in got] == [1.0, 0.0, 1.0, 0.0]
+    assert [g["extracted"] for g in got] == ["3", "(1,2)", "5", None]
+    assert got[1]["id"] == 7
+    assert "accuracy: 2/4 = 50.00%  timeouts: 0" in capsys.readouterr().out
+
+
+def test_grade_file_names_bad_rows(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"response": "x", "answer": "1"}\n{"response": "y"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: a row needs `response` and `answer`"):
+        grade_file(str(src))
+    src.write_text('{"response": "x", "answer": "1", "template": "chat"}\n')
+    with pytest.raises(ValueError, match="unknown template 'chat'"):
+        grade_file(str(src))
