@@ -65,7 +65,7 @@ def _add_grade(sub):
     def run(a):
         from r1zero_jax.rewards.pool import grade_file
 
-        grade_file(a.input, a.output, workers=a.workers)
+        return grade_file(a.input, a.output, workers=a.workers)
 
     p.set_defaults(func=run)
 

@@ -6,6 +6,7 @@ import glob
 import importlib
 import json
 import os
+import time
 
 import pytest
 import sympy
@@ -13,7 +14,7 @@ import sympy
 from r1zero_jax.rewards import extract_answer, is_equiv
 from r1zero_jax.rewards import math_grader
 from r1zero_jax.rewards.latex_parse import ParseError, TooBig, parse_latex
-from r1zero_jax.rewards.normalize import normalize, quick_verdict
+from r1zero_jax.rewards.normalize import MAX_ANSWER_CHARS, normalize, quick_verdict
 
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "grader_corpus.jsonl")
 REQUIRED_CATEGORIES = {
@@ -66,11 +67,31 @@ def test_numeric_tolerance_only_for_decimals():
     assert is_equiv("\\sqrt{2}+10^{-9}", "\\sqrt{2}") is False  # exact forms compare exactly
 
 
+def test_values_beyond_float_range_compare_by_ratio():
+    assert is_equiv("e^{10^{50}x}", "1") is False  # evaluates to inf as a Python complex
+    assert is_equiv("e^{10^{50}x}", "e^{10^{50}x}+0") is True
+    assert is_equiv("10^{1500}+1", "10^{1500}") is False
+    assert is_equiv("2\\cdot 10^{1500}", "10^{1500}+10^{1500}") is True
+
+
 def test_quick_verdict_settles_plain_numbers_without_sympy():
     assert quick_verdict("25", ["025"]) is True
     assert quick_verdict("24", ["025"]) is False
     assert quick_verdict("\\sqrt{8}", ["2\\sqrt{2}"]) is None
     assert normalize("\\$1,000.").text == "1000"
+
+
+def test_parent_side_normalisation_is_fast_on_hostile_text():
+    """quick_verdict runs in the trainer process, where nothing can kill it: no regex blow-ups."""
+    n = MAX_ANSWER_CHARS - 10
+    hostile = ["1 " + "m" * n + "!", "1" + " m" * (n // 2) + "!", "1" * n + "x", "1," * (n // 2) + "x",
+               "\\text{" * (n // 6), "1 " + "cm " * (n // 3) + "!", "1" + "\\," * (n // 2) + "x",
+               "\\frac{" * (n // 6)]
+    for text in hostile:
+        normalize.cache_clear()
+        t = time.perf_counter()
+        assert quick_verdict(text, ["1"]) in (False, None)
+        assert time.perf_counter() - t < 0.05, text[:20]
 
 
 def test_every_benchmark_reference_grades_correct_against_itself(shared_data_dir):
@@ -136,7 +157,8 @@ def test_parser_never_reaches_eval(monkeypatch):
 
 @pytest.mark.parametrize("text", [
     "9^{9^{9^{9}}}", "2^{2^{2^{2^{2^{2}}}}}", "10^{100000}", "(10^{100})!", "1000!",
-    "\\binom{100000}{5}", "1" * 500, "(" * 100 + "1" + ")" * 100,
+    "\\binom{100000}{5}", "1" * 500, "(" * 100 + "1" + ")" * 100, "e^{e^{e^{x}}}",
+    "\\exp(\\exp(\\exp(x)))", "9^{9^{9^{9^{x}}}}",
 ])
 def test_size_guards_refuse_huge_values(text):
     with pytest.raises(ParseError):  # TooBig is a ParseError

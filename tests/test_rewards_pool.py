@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -67,17 +68,36 @@ def test_hostile_inputs_score_zero_fast_without_side_effects(pool, tmp_path):
 
 def test_timeout_kills_and_replaces_the_worker():
     with GraderPool(workers=1, timeout_s=0.01) as p:
-        p.grade(["\\boxed{\\sqrt{8}}"], ["2\\sqrt{2}"])  # wait until the worker is up
-        before = _pids(p)
+        p.grade(["\\boxed{\\sqrt{8}}"], ["2\\sqrt{2}"])  # wait until a worker is up
+        before, timeouts = _pids(p), p.timeouts
         res = p.grade([SLOW_PRED, "\\boxed{7}"], [SLOW_REF, "7"])
         assert res[0].timed_out and res[0].reward == 0.0
         assert res[1].reward == 1.0 and not res[1].timed_out  # fast path, unaffected
-        assert _pids(p) != before and p.timeouts == 1
+        assert _pids(p) != before and p.timeouts == timeouts + 1
         with pytest.raises(ProcessLookupError):
             os.kill(before[0], 0)
     # with time to spare, the same pair is a correct answer
     with GraderPool(workers=1, timeout_s=5.0) as p:
         assert p.grade([SLOW_PRED], [SLOW_REF])[0].reward == 1.0
+
+
+def test_random_expressions_never_time_out(pool):
+    """Seeded random nests of powers, factorials, logs, roots and big literals stay within bound."""
+    rng = random.Random(0)
+    atoms = ["x", "2", "10", "0", "e", "\\pi", "i", "0.5", "10^{100}", "99", "\\infty"]
+
+    def gen(depth=0):
+        if depth > 6 or rng.random() < 0.2:
+            return rng.choice(atoms)
+        a, b = gen(depth + 1), gen(depth + 1)
+        return rng.choice([f"{a}+{b}", f"{a}{b}", f"\\frac{{{a}}}{{{b}}}", f"{{{a}}}^{{{b}}}", f"({a})!",
+                           f"\\sqrt[{a}]{{{b}}}", f"\\log({a})", f"e^{{{a}}}", f"\\binom{{{a}}}{{{b}}}"])
+
+    exprs = [gen() for _ in range(300)]
+    t = time.perf_counter()
+    res = pool.grade([f"\\boxed{{{e}}}" for e in exprs], exprs[1:] + exprs[:1])
+    assert not any(r.timed_out for r in res)
+    assert time.perf_counter() - t < 30
 
 
 def test_dead_workers_are_replaced_and_the_batch_completes(pool):

@@ -17,6 +17,7 @@ MAX_DEPTH = 60  # bracket nesting; deeper input is refused before recursion
 MAX_DIGITS = 200  # digits in one literal
 MAX_RESULT_DIGITS = 2_000  # decimal digits of a numeric power / factorial result
 MAX_EXPONENT = 10_000
+MAX_TOWER = 2  # a^{b^{x}} is accepted, a^{b^{c^{x}}} is not: evaluating taller towers can hang
 
 
 class ParseError(ValueError):
@@ -94,6 +95,14 @@ def _number(text: str) -> tuple[sympy.Expr, bool]:
     return value, bool(frac or exp or "." in mant)
 
 
+def _tower(e: sympy.Expr) -> int:
+    """Height of the tallest tower of symbolic exponents in e (x^2 is 0, 2^x is 1, 2^{2^x} is 2)."""
+    if e.is_Pow or isinstance(e, sympy.exp):
+        top = e.exp if e.is_Pow else e.args[0]
+        return 0 if top.is_Number else 1 + _tower(top)
+    return max((_tower(a) for a in e.args), default=0)
+
+
 def _check_pow(base: sympy.Expr, exp: sympy.Expr) -> None:
     if exp.is_Number and abs(float(exp)) > MAX_EXPONENT:
         raise TooBig("exponent too large")
@@ -101,10 +110,8 @@ def _check_pow(base: sympy.Expr, exp: sympy.Expr) -> None:
         b = abs(float(base)) if abs(base) < 10**300 else 10.0**300
         if b != 1 and abs(float(exp) * math.log10(b)) > MAX_RESULT_DIGITS:
             raise TooBig("power too large")
-    if exp.has(sympy.Pow) and base.is_Number and abs(base) != 1:  # towers of exponents
-        inner = [p for p in exp.atoms(sympy.Pow) if p.exp.is_Number and abs(float(p.exp)) > 64]
-        if inner:
-            raise TooBig("exponent tower")
+    if not exp.is_Number and 1 + _tower(exp) > MAX_TOWER:
+        raise TooBig("exponent tower")
 
 
 class _Parser:
@@ -318,6 +325,8 @@ class _Parser:
         else:
             arg = self.power()
         f = _FUNCS[name]
+        if f is sympy.exp:
+            _check_pow(sympy.E, arg)
         out = sympy.log(arg, base) if base is not None else f(arg)
         if power is not None:
             _check_pow(out, power)

@@ -5,6 +5,7 @@ No wall-clock bound here: size guards keep ordinary calls fast, and `GraderPool`
 killable worker processes for the hard bound.
 """
 
+import cmath
 import re
 from functools import lru_cache
 
@@ -25,7 +26,7 @@ _POINTS = ((1.3721, 0.4), (2.1183, 0.3), (0.6517, 0.7))
 
 
 def _depth_steps(s: str):
-    """(index, char, depth before char) over s, treating \\{ \\} as brackets and skipping commands."""
+    """(index, char, depth before char) over s; \\{ and \\} count as brackets."""
     depth, i = 0, 0
     while i < len(s):
         ch = s[i]
@@ -40,11 +41,14 @@ def _depth_steps(s: str):
 
 
 def split_top(s: str, sep: str) -> list[str]:
+    """s split at `sep` outside brackets (a command separator such as \\in does not match \\infty)."""
     parts, last = [], 0
     for i, ch, depth in _depth_steps(s):
-        if depth == 0 and s.startswith(sep, i) and i >= last:
+        end = i + len(sep)
+        if (depth == 0 and s.startswith(sep, i) and i >= last
+                and not (sep[-1].isalpha() and s[end : end + 1].isalpha())):
             parts.append(s[last:i])
-            last = i + len(sep)
+            last = end
     parts.append(s[last:])
     return parts
 
@@ -98,13 +102,24 @@ def _parse(text: str) -> Parsed | None:
         return None
 
 
-def _close(x: complex, y: complex, tol: float) -> bool:
-    return abs(x - y) <= max(tol * max(abs(x), abs(y)), 0.0 if tol > _EXACT_TOL else 1e-20)
+def _close(vx: sympy.Expr, vy: sympy.Expr, tol: float) -> bool:
+    """Relative closeness of two evaluated numbers; past float range, through their ratio."""
+    x, y = complex(vx), complex(vy)
+    if cmath.isnan(x) or cmath.isnan(y):
+        return False
+    if cmath.isfinite(x) and cmath.isfinite(y):
+        return abs(x - y) <= max(tol * max(abs(x), abs(y)), 0.0 if tol > _EXACT_TOL else 1e-20)
+    if vy == 0:
+        return False
+    ratio = complex((vx / vy).evalf(30))
+    return cmath.isfinite(ratio) and abs(ratio - 1) <= tol
 
 
 def _exprs_equal(x: sympy.Expr, y: sympy.Expr, inexact: bool) -> bool:
     if x == y:
         return True
+    if x.is_Rational and y.is_Rational and not inexact:
+        return False  # exact numbers are equal only when identical (10^{1500}+1 is not 10^{1500})
     bad = (sympy.nan, sympy.zoo)
     if any(e.has(*bad) for e in (x, y)) or x.has(sympy.oo, -sympy.oo) or y.has(sympy.oo, -sympy.oo):
         return False  # infinities only match structurally (x == y above)
@@ -115,11 +130,9 @@ def _exprs_equal(x: sympy.Expr, y: sympy.Expr, inexact: bool) -> bool:
     ]
     for pt in points:
         try:
-            vx = complex(x.evalf(30, subs=pt))
-            vy = complex(y.evalf(30, subs=pt))
+            if not _close(x.evalf(30, subs=pt), y.evalf(30, subs=pt), tol):
+                return False
         except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-            return False
-        if vx != vx or vy != vy or not _close(vx, vy, tol):  # NaN never matches
             return False
     return True
 

@@ -24,10 +24,12 @@ _UNITS = (
     "ml", "sq", "square", "cubic", "people", "students", "ways", "points", "times", "pages", "eV",
     "J", "K", "Hz", "nm", "pc", "Mpc", "kpc", "AU", "W", "N", "Pa", "atm", "V",
 )
-_UNIT_RE = re.compile(r"(?<=[\d}])\s+(?:(?:" + "|".join(_UNITS) + r")(?:\^?\{?[23]\}?)?\s*)+$")
+# Each unit word is preceded by whitespace, so the repetition cannot split a word (no backtracking
+# blow-up on hostile text: this runs in the trainer process, where nothing can kill it).
+_UNIT_RE = re.compile(r"(?<=[\d}])(?:\s+(?:" + "|".join(_UNITS) + r")\b(?:\^?\{?[23]\}?)?)+\s*$")
 _SPACES = re.compile(r"(?<!\\)\\[,;:! ]|~|\\quad|\\qquad")
 _DROP = ("\\left", "\\right", "\\displaystyle", "\\bigl", "\\bigr", "\\Bigl", "\\Bigr", "\\big",
-         "\\Big", "\\!")
+         "\\Big")
 _DEGREE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree|\\circ")
 _PERCENT = re.compile(r"\\%|%")
 _FRAC_CMD = re.compile(r"\\[dtc]frac")
@@ -100,7 +102,7 @@ def normalize(answer: str) -> Norm:
     s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
     s = _UNIT_RE.sub("", s)
     s = _SPACE_RUN.sub(" ", s).strip()
-    s = s.rstrip(".;:, ").lstrip(":")
+    s = s.rstrip(".;:, ")
     s = _INNER_SPACE.sub("", s)
     s = _SINGLE_SCRIPT.sub(r"\1\2", s)
     s = s.replace("{,}", ",")

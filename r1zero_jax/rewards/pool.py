@@ -48,6 +48,7 @@ class _Worker:
         self.ready = False
         self.started = time.monotonic()
         self.task: int | None = None  # index of the response in flight
+        self.payload: tuple | None = None  # (index, pred, refs) of that response
         self.deadline = 0.0
 
     def fileno(self) -> int:
@@ -55,6 +56,7 @@ class _Worker:
 
     def send(self, index: int, pred: str, refs: list[str], timeout_s: float) -> bool:
         self.task, self.deadline = index, time.monotonic() + timeout_s
+        self.payload = (index, pred, refs)
         try:
             self.proc.stdin.write((json.dumps({"id": index, "pred": pred, "refs": refs}) + "\n").encode())
             return True
@@ -138,12 +140,21 @@ class GraderPool:
                 self._run(pending, results)
         return results
 
+    def _ready_to_read(self, wait_s: float) -> list[_Worker]:
+        # poll, not select: a trainer process may hold file descriptors above select's 1024 limit
+        poller = select.poll()
+        by_fd = {w.fileno(): w for w in self._workers}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return [by_fd[fd] for fd, _ in poller.poll(wait_s * 1000)]
+
     def _replace(self, w: _Worker) -> None:
         w.kill()
         self._workers[self._workers.index(w)] = _Worker()
 
     def _run(self, pending: deque, results: list) -> None:
         preds = {i: p for i, p, _ in pending}
+        deaths = dict.fromkeys(preds, 0)
 
         def finish(w: _Worker, ok: bool, timed_out: bool = False):
             results[w.task] = GradeResult(float(ok), preds[w.task], timed_out)
@@ -160,16 +171,21 @@ class GraderPool:
             now = time.monotonic()
             busy = [w.deadline for w in self._workers if w.task is not None]
             wait = max(0.0, min(busy) - now) if busy else 1.0
-            readable, _, _ = select.select(self._workers, [], [], wait)
-            for w in readable:
+            for w in self._ready_to_read(wait):
                 msgs = w.read()
                 if msgs is None:
                     if not w.ready:
                         raise RuntimeError(f"grader worker failed to start (exit code {w.proc.wait()})")
-                    log.warning("grader worker died; replacing it (response scored 0)")
                     self.crashes += 1
                     if w.task is not None:
-                        finish(w, False)
+                        # Retry once elsewhere: the worker may have died before reading the task.
+                        deaths[w.task] += 1
+                        if deaths[w.task] < 2:
+                            pending.appendleft(w.payload)
+                            w.task = None
+                        else:
+                            log.warning("response %d killed two grader workers; scored 0", w.task)
+                            finish(w, False)
                     self._replace(w)
                     continue
                 for m in msgs:
