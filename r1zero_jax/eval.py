@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from r1zero_jax.analysis import length_by_correctness, self_reflection
-from r1zero_jax.data.builders import BENCHMARKS, find_local_file, load_split, read_jsonl_rows
+from r1zero_jax.data.builders import (BENCHMARKS, find_local_file, load_split, read_jsonl_rows,
+                                     validate_row)
 from r1zero_jax.data.pipeline import left_pad, make_encoder
 from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template, check_template
 
@@ -152,6 +153,10 @@ def format_table(results: dict, label: str = "model") -> str:
     rows.append(("truncation rate (%)", [_pct(bench[b]["truncation_rate"]) for b in names]
                  + [_pct(avg.get("truncation_rate"))]))
     rows.append(("problems", [str(bench[b]["n"]) for b in names] + [""]))
+    for key, title in (("grader_timeouts", "grader timeouts"), ("skipped_prompts",
+                                                                "skipped prompts (too long)")):
+        if any(bench[b].get(key) for b in names):
+            rows.append((title, [str(bench[b].get(key, 0)) for b in names] + [""]))
     header = [DISPLAY_NAMES.get(b, b) for b in names] + ["Avg."]
     first = max(len(r[0]) for r in rows + [("Model", [])])
     widths = [max(len(h), *(len(r[1][i]) for r in rows)) for i, h in enumerate(header)]
@@ -171,30 +176,30 @@ def load_benchmarks(names: Sequence[str], data_dir: str | None = None,
                     ) -> dict[str, list[dict]]:
     """Rows {problem, answer} per benchmark, the first `limit` of each.
 
-    `data_dir` holding `<name>.jsonl` (directly or under evaluation_suite/) is read as is;
-    otherwise it is a TFDS data dir (TFDS's default when None) where each benchmark is built on
-    first use, from `source_dir`'s JSONL when given, else by downloading the paper's release."""
+    `data_dir` holding `<name>.jsonl` (directly or under evaluation_suite/) is read as is (then
+    every benchmark must be there); otherwise it is a TFDS data dir (TFDS's default when None)
+    where each benchmark is built on first use, from `source_dir`'s JSONL when given, else by
+    downloading the paper's release."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    jsonl_dir = data_dir is not None and source_dir is None and any(
+        os.path.isfile(os.path.join(data_dir, sub, f"{name}.jsonl"))
+        for name in names for sub in ("", "evaluation_suite"))
     out = {}
     for name in names:
-        path = None
-        if data_dir is not None and source_dir is None:
-            try:
-                path = find_local_file(data_dir, name)
-            except FileNotFoundError:
-                pass
-        rows = read_jsonl_rows(path) if path else load_split(name, data_dir, source_dir)
+        rows = (read_jsonl_rows(find_local_file(data_dir, name)) if jsonl_dir
+                else load_split(name, data_dir, source_dir))
         if not rows:
             raise ValueError(f"benchmark {name!r} has no usable rows")
         out[name] = rows[:limit]
     return out
 
 
-def parse_benchmarks(spec: str | Sequence[str] | None) -> list[str]:
+def parse_benchmarks(spec: str | Sequence[str] | None, known: bool = True) -> list[str]:
+    """Benchmark names from 'a,b,c' (all five when None); `known`: only the paper's five."""
     names = list(BENCHMARKS) if spec is None else (
         [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec))
-    unknown = [b for b in names if b not in BENCHMARKS]
+    unknown = [b for b in names if known and b not in BENCHMARKS]
     if unknown or not names:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     if len(set(names)) != len(names):
@@ -209,8 +214,7 @@ def parse_benchmarks(spec: str | Sequence[str] | None) -> list[str]:
 class Progress:
     """One stderr line per update: done / total with rate and ETA."""
 
-    def __init__(self, total: int, unit: str = "problems", stream=sys.stderr,
-                 every_s: float = 10.0):
+    def __init__(self, total: int, unit: str = "problems", stream=None, every_s: float = 10.0):
         self.total, self.unit, self.stream, self.every_s = total, unit, stream, every_s
         self.done, self.start, self.last = 0, time.monotonic(), -math.inf
 
@@ -224,7 +228,7 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else math.inf
         print(f"eval{' ' + what if what else ''}: {self.done}/{self.total} {self.unit} "
               f"({rate:.2f}/s, elapsed {_hms(now - self.start)}, ETA {_hms(eta)})",
-              file=self.stream, flush=True)
+              file=self.stream or sys.stderr, flush=True)
 
 
 def _hms(s: float) -> str:
@@ -273,6 +277,10 @@ def sample_benchmark(model, tokenizer, name: str, rows: Sequence[dict], params, 
     if skipped:
         print(f"eval {name}: skipped {skipped} prompts longer than {max_prompt_tokens} tokens",
               file=sys.stderr)
+        if progress is not None:
+            progress.update(skipped, name)
+    if not keep:
+        raise ValueError(f"no prompt of {name} fits max_prompt_tokens={max_prompt_tokens}")
     keep.sort(key=lambda i: len(tokens[i]))
     pad_id = _pad_id(tokenizer)
     size = min(batch_size, len(keep))
@@ -306,10 +314,10 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def make_sampling_params(tokenizer, *, template: str, max_new_tokens: int,
+def make_sampling_params(*, template: str, max_new_tokens: int,
                          temperature: float = 0.0, top_p: float = 1.0, n: int = 1):
-    """Sampler settings for eval; the tokenizer's EOS and Qwen's end-of-turn tokens stop a
-    response, and so does the template's stop string (r1: </answer>)."""
+    """Sampler settings for eval: the template's stop string (r1: </answer>) ends a response,
+    as do the tokenizer's EOS and Qwen's end-of-turn tokens (the sampler adds those)."""
     from r1zero_jax.sampling.sampler import SamplingParams
 
     if n > 1 and temperature == 0:
@@ -332,7 +340,7 @@ def evaluate(model, tokenizer, rows_by_benchmark: Mapping[str, Sequence[dict]], 
     receives each benchmark's graded records as soon as it is done (to write them)."""
     from r1zero_jax.rewards.pool import GraderPool
 
-    params = make_sampling_params(tokenizer, template=template, max_new_tokens=max_new_tokens,
+    params = make_sampling_params(template=template, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, n=n)
     if not rows_by_benchmark or not all(rows_by_benchmark.values()):
         raise ValueError("evaluate needs at least one benchmark, each with rows")
@@ -354,9 +362,6 @@ def evaluate(model, tokenizer, rows_by_benchmark: Mapping[str, Sequence[dict]], 
     finally:
         if own_pool:
             pool.close()
-    empty = [b for b, r in records.items() if not r]
-    if empty:
-        raise ValueError(f"no prompt of {empty} fits max_prompt_tokens={max_prompt_tokens}")
     return summarize(records, skipped)
 
 
@@ -386,6 +391,9 @@ def read_responses(path: str, benchmarks: Iterable[str] | None = None
                 raise ValueError(f"{path}:{line_no}: a row needs {missing}")
             if not isinstance(row["response"], str):
                 raise ValueError(f"{path}:{line_no}: `response` is not a string")
+            why = validate_row({"problem": "-", "answer": row["answer"]})
+            if why is not None:
+                raise ValueError(f"{path}:{line_no}: {why}")
             records = by_name.setdefault(str(row["benchmark"]), [])
             row.setdefault("index", f"row{line_no}")
             records.append(row)
@@ -438,31 +446,35 @@ def eval_cli(model: str | None = None, benchmarks: str | None = None,
     from r1zero_jax.rewards.pool import GraderPool
 
     check_template(template)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
     if (model is None) == (responses is None):
         raise ValueError("give either --model (sample and grade) or --responses (re-grade)")
+    names = (None if benchmarks is None and responses is not None
+             else parse_benchmarks(benchmarks, known=responses is None))
     if output_dir is None:
         output_dir = os.path.join("eval_results", _label(model or responses))
     if responses is not None and os.path.abspath(responses) == os.path.abspath(
             os.path.join(output_dir, GENERATIONS_FILE)):
         raise ValueError(f"--responses {responses} would be overwritten; choose another "
                          "--output-dir")
-    os.makedirs(output_dir, exist_ok=True)
     gen_path = os.path.join(output_dir, GENERATIONS_FILE)
     run = {"template": template, "limit": limit}
     start = time.monotonic()
     with GraderPool(workers, timeout_s=grader_timeout) as pool:
         if responses is not None:
-            names = None if benchmarks is None else parse_benchmarks(benchmarks)
-            records = regrade(read_responses(responses, names), pool, template)
+            records = read_responses(responses, names)
             if limit is not None:
                 records = {b: [r for r in rs if r["index"] in _first_indices(rs, limit)]
                            for b, rs in records.items()}
+            records = regrade(records, pool, template)
+            os.makedirs(output_dir, exist_ok=True)
             write_jsonl(gen_path, (r for rs in records.values() for r in rs))
             results = summarize(records)
             run |= {"responses": os.path.abspath(responses)}
         else:
             results, run = _eval_model(
-                model, parse_benchmarks(benchmarks), run, pool, gen_path,
+                model, names, run, pool, gen_path,
                 max_new_tokens=max_new_tokens, temperature=temperature, n=n, limit=limit,
                 data_dir=data_dir, source_dir=source_dir, mesh_spec=mesh, batch_size=batch_size,
                 tokenizer_path=tokenizer, top_p=top_p, seed=seed, dtype=dtype,
@@ -476,13 +488,7 @@ def eval_cli(model: str | None = None, benchmarks: str | None = None,
 
 
 def _first_indices(records: Sequence[dict], limit: int) -> set:
-    seen: list = []
-    for r in records:
-        if r["index"] not in seen:
-            seen.append(r["index"])
-            if len(seen) == limit:
-                break
-    return set(seen)
+    return set(list(dict.fromkeys(r["index"] for r in records))[:limit])
 
 
 def _label(path: str) -> str:
@@ -501,15 +507,17 @@ def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, tempe
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"--model {model_path} does not exist")
+    make_sampling_params(template=run["template"], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, n=n)
     # Fail on data and settings before the (slow) model load.
     rows = load_benchmarks(names, data_dir, source_dir, limit)
-    mesh = make_mesh(mesh_spec)
-    model, _, tok = load_model(model_path, mesh, dtype=getattr(jnp, dtype))
-    if tokenizer_path is not None:
-        tok = load_tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path or model_path)
     if tok is None:
         raise ValueError(f"no tokenizer in {tokenizer_path or model_path}; pass --tokenizer DIR "
                          "(a Hugging Face tokenizer directory)")
+    mesh = make_mesh(mesh_spec)
+    model, _, _ = load_model(model_path, mesh, dtype=getattr(jnp, dtype))
+    os.makedirs(os.path.dirname(gen_path) or ".", exist_ok=True)
     open(gen_path, "w").close()
     results = evaluate(
         model, tok, rows, template=run["template"], max_new_tokens=max_new_tokens,
