@@ -130,7 +130,8 @@ def _add_eval(sub):
 
 
 def _add_plan(sub):
-    p = sub.add_parser("plan", help="per-chip memory plan of a config, without compiling")
+    p = sub.add_parser("plan", help="per-chip memory plan of a config, without compiling "
+                                    "(exit status 1 when it does not fit)")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--topology", default=None, help="e.g. v4-64, v5p-128, v5e-256")
@@ -139,7 +140,7 @@ def _add_plan(sub):
     def run(a):
         from r1zero_jax.plan import plan_cli
 
-        plan_cli(a.config, overrides=a.overrides, topology=a.topology, as_json=a.json)
+        return plan_cli(a.config, overrides=a.overrides, topology=a.topology, as_json=a.json)
 
     p.set_defaults(func=run)
 

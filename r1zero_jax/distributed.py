@@ -64,7 +64,8 @@ def resolve_process_spec(coordinator: str | None = None, num_processes: int | No
     if missing:
         raise ValueError(
             f"multi-process run needs --coordinator, --num-processes and --process-id (or "
-            f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing {', '.join(missing)}")
+            f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); "
+            f"missing {', '.join(missing)}")
     host, sep, port = coordinator.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"coordinator must be HOST:PORT, got {coordinator!r}")
@@ -129,6 +130,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     spec = resolve_process_spec(coordinator, num_processes, process_id)
     if cpu_devices:
         set_cpu_device_count(split_virtual_devices(cpu_devices, spec.num_processes if spec else 1))
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU config: no accelerator probing
     if spec is None:
         if cpu_devices or not on_cloud_tpu_vm():
             return None

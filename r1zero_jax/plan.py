@@ -22,6 +22,7 @@ chips are one VM).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -104,7 +105,8 @@ def _shards(logical: str | None, mesh: dict[str, int]) -> int:
     return math.prod(mesh.get(a, 1) for a in _rule_axes(logical))
 
 
-def param_leaves(config) -> list[tuple[str, tuple[int, ...], tuple[str | None, ...]]]:
+@functools.lru_cache(maxsize=16)
+def param_leaves(config) -> tuple[tuple[str, tuple[int, ...], tuple[str | None, ...]], ...]:
     """(path, shape, logical axes) of every parameter, from the abstract model (no memory)."""
     import jax
     from flax import nnx
@@ -118,7 +120,7 @@ def param_leaves(config) -> list[tuple[str, tuple[int, ...], tuple[str | None, .
         shape = tuple(v.get_value().shape)
         out.append((jax.tree_util.keystr(path), shape,
                     tuple(v.get_metadata().get("logical", (None,) * len(shape)))))
-    return out
+    return tuple(out)
 
 
 def mesh_problems(config, mesh: dict[str, int], w: Workload | None = None) -> list[str]:
@@ -210,8 +212,13 @@ def advice(plan: dict, w: Workload, hbm_bytes: int) -> list[str]:
     """What to change, largest saving first, when the plan does not fit."""
     if plan["fits"]:
         return []
-    d, tips = plan["per_device_bytes"], []
-    tips += [f"mesh: {p}" for p in plan["mesh_problems"]]
+    d, tips = plan["per_device_bytes"], [f"mesh: {p}" for p in plan["mesh_problems"]]
+    shards = _shards("batch", plan["mesh"])
+    if w.train_batch % shards:
+        tips.append(f"set train.microbatch_size={shards * -(-w.train_batch // shards)} (a multiple "
+                    f"of data x fsdp = {shards}), or move chips from fsdp to tensor in mesh.spec")
+    if w.sample_batch % shards:
+        tips.append(f"make sampling.prompts_per_call x rl.group_size a multiple of {shards}")
     budget = FIT_FRACTION * hbm_bytes
     over = d["peak"] - budget
     if over <= 0:
@@ -278,20 +285,23 @@ def qwen_config_of(cfg):
 
 
 def mesh_for_topology(spec: str, chips: int) -> tuple[dict[str, int], str]:
-    """The config's mesh on `chips` devices; if it was written for another slice, keep its fsdp
-    and tensor sizes and let data take the rest (the returned note says so)."""
+    """The config's mesh on `chips` devices. A mesh written for another slice keeps its data and
+    tensor sizes and fsdp takes the rest (sharding params further is what a bigger slice is for);
+    failing that, data takes the rest. The returned note says what changed."""
     from r1zero_jax.sharding import parse_mesh_spec, resolve_mesh_shape
 
     try:
         return resolve_mesh_shape(spec, chips), ""
     except ValueError:
-        sizes = parse_mesh_spec(spec)
-        fixed = max(sizes["fsdp"], 1) * max(sizes["tensor"], 1)
-        if chips % fixed:
-            raise ValueError(f"mesh {spec!r} does not fit {chips} chips, and neither does its "
-                             f"fsdp x tensor = {fixed}; pass --set mesh.spec=...") from None
-        new = f"data={chips // fixed},fsdp={max(sizes['fsdp'], 1)},tensor={max(sizes['tensor'], 1)}"
-        return resolve_mesh_shape(new, chips), f"mesh {spec!r} adapted to {chips} chips as {new!r}"
+        pass
+    sizes = {k: max(v, 1) for k, v in parse_mesh_spec(spec).items()}
+    for free in ("fsdp", "data"):
+        fixed = math.prod(v for k, v in sizes.items() if k != free)
+        if chips % fixed == 0:
+            new = dict(sizes, **{free: chips // fixed})
+            text = ",".join(f"{k}={v}" for k, v in new.items())
+            return new, f"mesh {spec!r} adapted to {chips} chips as {text!r}"
+    raise ValueError(f"mesh {spec!r} does not fit {chips} chips; pass --set mesh.spec=...")
 
 
 def plan_config(cfg, topology: str | None = None) -> dict[str, Any]:
@@ -322,7 +332,7 @@ def format_plan(p: dict) -> str:
     d = p["per_device_bytes"]
     mesh = ", ".join(f"{k}={v}" for k, v in p["mesh"].items())
     lines = [f"{p.get('config', 'plan')} on {p.get('topology', '?')} ({p.get('chips', '?')} chips, "
-             f"{p.get('hosts', '?')} hosts), mesh {mesh}; {p['num_params']:,} params"]
+             f"{p.get('hosts', '?')} host(s)), mesh {mesh}; {p['num_params']:,} params"]
     if p.get("note"):
         lines.append(f"  note: {p['note']}")
     lines.append("  per device:")
@@ -334,7 +344,8 @@ def format_plan(p: dict) -> str:
     lines.append(f"  tokens: {tb['train_tokens_per_device_microbatch']:,} per device per "
                  f"microbatch, {tb['sample_tokens_per_device_call']:,} KV slots per device per "
                  f"sampler call, up to {tb['rollout_max_tokens']:,} per rollout")
-    verdict = "fits" if p["fits"] else "does NOT fit"
+    verdict = ("fits" if p["fits"] else "cannot run on this mesh" if p["mesh_problems"]
+               else "does NOT fit")
     lines.append(f"  HBM {_gib(p['hbm_bytes'])} per chip: peak {_gib(d['peak'])} "
                  f"({d['peak'] / p['hbm_bytes']:.0%}) {verdict} (limit {FIT_FRACTION:.0%})")
     lines += [f"  - {t}" for t in p["advice"]]

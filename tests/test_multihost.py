@@ -113,6 +113,67 @@ def test_two_processes_match_one_process(tmp_path):
     assert np.abs(want_logits).max() > 0  # a real forward, not zeros
 
 
+SMOKE_ARGS = ["train", "cpu_smoke", "--steps", "2", "--set", "train.warmup_sft_steps=20",
+              "--set", "eval.source=", "--set", "checkpoint.every=1", "--set",
+              "log.tensorboard=false", "--set", "log.plot=false"]
+NOT_COMPARED = ("time_", "gen_tokens_per_s")  # wall-clock figures
+
+
+def _train(workdir, *extra, env):
+    return subprocess.Popen([sys.executable, "-m", "r1zero_jax.cli", *SMOKE_ARGS, "--workdir",
+                             str(workdir), *extra], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_all(procs, timeout):
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+
+
+def _metrics(workdir):
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.startswith(NOT_COMPARED)} for r in rows]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_two_processes_match_one_process(tmp_path):
+    """`r1zero-jax train cpu_smoke` as 2 processes x 4 CPU devices and as 1 x 8: the same
+    metrics (1e-5) and the same checkpoint; only process 0 writes metrics. About 5 minutes."""
+    from r1zero_jax.checkpoint import restore_params
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("R1ZERO_")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _wait_all([_train(one, env=env)], timeout=900)
+    port = _free_port()
+    _wait_all([_train(two, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                      "--process-id", str(i), env=env) for i in range(2)], timeout=900)
+
+    want, got = _metrics(one), _metrics(two)
+    assert [r["step"] for r in got] == [1, 2] and want[0]["entropy"] > 0
+    for w, g in zip(want, got):
+        assert w.keys() == g.keys()
+        for k in w:
+            if isinstance(w[k], float) and np.isnan(w[k]):
+                assert np.isnan(g[k]), k
+            elif k not in ("num_processes",):
+                assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-5), k
+    p1 = restore_params(str(one / "checkpoints"))
+    p2 = restore_params(str(two / "checkpoints"))
+    import jax
+
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_split_virtual_devices():
     assert dist.split_virtual_devices(8, 2) == 4
     assert dist.split_virtual_devices(8, 1) == 8

@@ -3,7 +3,8 @@
 
     tpu/tpu.py create    --name N --zone Z --project P --accelerator-type v4-32 [--spot] [--queued]
     tpu/tpu.py install   --name N --zone Z --project P
-    tpu/tpu.py launch    --name N --zone Z --project P CONFIG --workdir gs://B/runs/R [--set K=V] [--env K=V]
+    tpu/tpu.py launch    --name N --zone Z --project P CONFIG --workdir gs://B/runs/R
+                         [--set K=V] [--env K=V]
     tpu/tpu.py status    --name N --zone Z --project P [--run R]
     tpu/tpu.py logs      --name N --zone Z --project P [--run R] [--worker 0] [--follow]
     tpu/tpu.py stop      --name N --zone Z --project P [--run R]
@@ -31,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from r1zero_jax.topology import parse_topology  # noqa: E402
+from r1zero_jax.plan import parse_topology  # noqa: E402
 
 PREEMPTED_EXIT_CODE = 75  # r1zero_jax.checkpoint.PREEMPTED_EXIT_CODE (a test keeps them equal)
 REMOTE_SRC = "$HOME/r1zero-jax"
@@ -41,6 +42,7 @@ DEFAULT_ENV = ("PYTHONUNBUFFERED=1",)
 # Source-tree entries never shipped to the workers.
 TAR_EXCLUDES = (".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "runs")
 
+UNKNOWN = "UNKNOWN"  # what a failed query reads as (the supervisor waits)
 # States of `tpu-vm describe` (nodes) and `queued-resources describe` (state.state).
 WAIT_STATES = {"CREATING", "STARTING", "RESTARTING", "REPAIRING", "ACCEPTED",
                "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING_QUEUED"}
@@ -60,9 +62,16 @@ class Runner:
             print(shlex.join(argv), file=self.out)
             return ""
         print(f"+ {shlex.join(argv)}", file=sys.stderr)
-        res = subprocess.run(argv, text=True, stdout=subprocess.PIPE if capture else None)
+        pipe = subprocess.PIPE if capture else None
+        res = subprocess.run(argv, text=True, stdout=pipe, stderr=pipe)
+        if res.returncode and capture:
+            sys.stderr.write(res.stderr)
         if check and res.returncode:
             raise SystemExit(f"command failed with exit code {res.returncode}: {shlex.join(argv)}")
+        if res.returncode and capture and not res.stdout.strip():
+            # "Not found" means gone; any other failure (network, auth) must not read as gone,
+            # or the supervisor would delete a healthy TPU.
+            return "" if "NOT_FOUND" in res.stderr or "not found" in res.stderr else UNKNOWN
         return res.stdout or ""
 
     def note(self, text: str) -> None:
@@ -99,7 +108,7 @@ def _env_item(item: str) -> str:
 # -- gcloud command builders (pure: they return argv lists) --------------------------------------
 def ssh(t: Target, command: str, worker: str = "all") -> list[str]:
     return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", t.name, *t.where, f"--worker={worker}",
-            f"--command={command}"]
+            "--command", command]
 
 
 def create_cmd(t: Target, accelerator: str, runtime: str | None, spot: bool,
@@ -135,13 +144,13 @@ def delete_cmd(t: Target) -> list[str]:
 
 def install_cmds(t: Target, source: str = ROOT) -> list[list[str]]:
     pack = ["tar", "czf", TARBALL, *(f"--exclude={e}" for e in TAR_EXCLUDES), "-C", source, "."]
-    copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", TARBALL, f"{t.name}:r1zero-jax-src.tar.gz",
-            *t.where, "--worker=all"]
+    copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", TARBALL,
+            f"{t.name}:r1zero-jax-src.tar.gz", *t.where, "--worker=all"]
     remote = (f"set -e; rm -rf {REMOTE_SRC} && mkdir -p {REMOTE_SRC} && "
               f"tar xzf $HOME/r1zero-jax-src.tar.gz -C {REMOTE_SRC} && "
               f"python3 -m venv {REMOTE_VENV} && {REMOTE_VENV}/bin/pip install -q -U pip && "
               f"{REMOTE_VENV}/bin/pip install -q -e \"{REMOTE_SRC}[tpu]\" && "
-              f"{REMOTE_VENV}/bin/python -c 'import jax; print(jax.devices())'")
+              f"{REMOTE_VENV}/bin/python -c 'import jax, r1zero_jax; print(jax.__version__)'")
     return [pack, copy, ssh(t, remote)]
 
 
@@ -192,7 +201,7 @@ def parse_status(text: str) -> list[WorkerState]:
     return out
 
 
-def decide(node_state: str, workers: list[WorkerState], num_workers: int) -> str:
+def decide(node_state: str, workers: list[WorkerState]) -> str:
     """The supervisor's next move: wait | recreate | install | launch | relaunch | done | failed.
 
     `relaunch` (stop what still runs, launch again; the trainer resumes from its workdir) follows
@@ -203,7 +212,7 @@ def decide(node_state: str, workers: list[WorkerState], num_workers: int) -> str
         return "recreate"
     if node_state in WAIT_STATES or node_state not in READY_STATES:
         return "wait"
-    if len(workers) < num_workers:  # ssh reached only some workers: look again later
+    if not workers:  # ssh reached no worker: look again later
         return "wait"
     states = {w.state for w in workers}
     if "uninstalled" in states:
@@ -217,9 +226,9 @@ def decide(node_state: str, workers: list[WorkerState], num_workers: int) -> str
         return "relaunch"
     if states == {"absent"}:
         return "launch"
-    if "absent" in states or codes:  # some workers ran, some did not, or some finished early
+    if "absent" in states:  # some workers never started: start all of them again
         return "relaunch"
-    return "wait"
+    return "wait"  # running, or finishing one after another
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -276,7 +285,6 @@ def cmd_delete(a, run: Runner) -> int:
 def cmd_supervise(a, run: Runner, sleep=time.sleep) -> int:
     """Poll the node and the run; recreate, reinstall and relaunch until the run ends."""
     t, run_name = _target(a), a.run or _run_name(a.config)
-    num_workers = parse_topology(a.accelerator_type).hosts
     create = create_cmd(t, a.accelerator_type, a.runtime_version, a.spot, a.preemptible)
     launch = launch_cmd(t, run_name, a.config, a.workdir, a.overrides, a.env, a.steps)
     stop = worker_cmd(t, "stop", run_name)
@@ -300,8 +308,9 @@ def cmd_supervise(a, run: Runner, sleep=time.sleep) -> int:
         state = run(describe_cmd(t), capture=True, check=False).strip()
         workers = []
         if state.upper() in READY_STATES:
-            workers = parse_status(run(worker_cmd(t, "status", run_name), capture=True, check=False))
-        action = decide(state, workers, num_workers)
+            workers = parse_status(run(worker_cmd(t, "status", run_name), capture=True,
+                                       check=False))
+        action = decide(state, workers)
         print(f"[supervise {time.strftime('%H:%M:%S')}] node={state or 'absent'} "
               f"workers={[(w.worker, w.state, w.code) for w in workers]} -> {action}", flush=True)
         if action == "done":
@@ -309,7 +318,8 @@ def cmd_supervise(a, run: Runner, sleep=time.sleep) -> int:
         if action == "failed":
             failures += 1
             if failures > a.max_failures:
-                print(f"run failed {failures} times; giving up (see `tpu.py logs`)", file=sys.stderr)
+                print(f"run failed {failures} times; giving up (see `tpu.py logs`)",
+                      file=sys.stderr)
                 return 1
             action = "relaunch"
         if action == "recreate":
@@ -322,9 +332,22 @@ def cmd_supervise(a, run: Runner, sleep=time.sleep) -> int:
         elif action in ("launch", "relaunch"):
             if action == "relaunch":
                 run(stop, check=False)
-                sleep(a.stop_grace_s)  # let the trainer write its preemption checkpoint
+                _wait_stopped(t, run_name, run, sleep, a.stop_grace_s)
             run(launch, check=False)
         sleep(a.poll_s)
+
+
+def _wait_stopped(t: Target, run_name: str, run: Runner, sleep, timeout_s: float,
+                  every_s: float = 10.0) -> None:
+    """Wait until no worker still runs (the trainer writes its preemption checkpoint first)."""
+    waited = 0.0
+    while waited < timeout_s:
+        workers = parse_status(run(worker_cmd(t, "status", run_name), capture=True, check=False))
+        if not any(w.state == "running" for w in workers):
+            return
+        sleep(every_s)
+        waited += every_s
+    print(f"workers still running after {timeout_s:.0f} s; launching anyway", file=sys.stderr)
 
 
 def _run_name(config: str) -> str:
@@ -334,7 +357,8 @@ def _run_name(config: str) -> str:
 # -- argument parsing -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--name", required=True, type=_check_name, help="TPU VM / queued resource name")
+    common.add_argument("--name", required=True, type=_check_name,
+                        help="TPU VM / queued resource name")
     common.add_argument("--zone", required=True, help="e.g. us-central2-b (v4), us-east5-a (v5p)")
     common.add_argument("--project", required=True)
     common.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -356,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = argparse.ArgumentParser(add_help=False)
     launch.add_argument("config", help="configs/NAME.py (path relative to the project root)")
-    launch.add_argument("--workdir", required=True, help="gs://BUCKET/runs/NAME (checkpoints, logs)")
+    launch.add_argument("--workdir", required=True,
+                        help="gs://BUCKET/runs/NAME (checkpoints, logs)")
     launch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     launch.add_argument("--env", action="append", default=[], type=_env_item, metavar="NAME=VALUE",
                         help="environment variable for the trainer on every worker (repeatable)")
@@ -367,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_name.add_argument("--run", required=True, help="run name (the config's name by default "
                                                        "at launch)")
 
-    p = argparse.ArgumentParser(prog="tpu.py", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="tpu.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("create", parents=[common, queued, create]).set_defaults(func=cmd_create)
@@ -383,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("delete", parents=[common, queued]).set_defaults(func=cmd_delete)
     sup = sub.add_parser("supervise", parents=[common, queued, create, install, launch])
     sup.add_argument("--poll-s", type=float, default=120.0)
-    sup.add_argument("--stop-grace-s", type=float, default=90.0)
+    sup.add_argument("--stop-grace-s", type=float, default=300.0,
+                     help="how long a stopped run may take to write its checkpoint")
     sup.add_argument("--max-failures", type=int, default=3,
                      help="relaunches after non-preemption failures before giving up")
     sup.set_defaults(func=cmd_supervise)
