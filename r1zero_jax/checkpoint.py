@@ -1,7 +1,7 @@
 """Checkpoints on Orbax (local or gs://), resume checks, and preemption handling.
 
 A checkpoint step holds two Orbax items: `state`, a dict of pytrees of arrays (params,
-optimizer state, RNG key data, ...) saved sharded, and `meta`, a JSON dict (resolved config,
+optimizer state, typed `jax.random.key`s, step counters) saved sharded, and `meta`, a JSON dict (resolved config,
 data-pipeline position, anything else a resumed run needs). Orbax writes each step to a
 temporary place and commits it atomically (rename locally, a commit file on GCS), so a process
 killed mid-save leaves the previous step restorable; the partial one is deleted when the next
@@ -94,7 +94,10 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
-            item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                META: ocp.JsonCheckpointHandler(),
+            },
             options=options,
         )
 
@@ -129,6 +132,17 @@ class Checkpointer:
             log.info("checkpoint step %d started in %s", step, self.directory)
         return saved
 
+    def _existing_step(self, step: int | None) -> int:
+        self._manager.wait_until_finished()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"checkpoint step {step} not in {self.directory}; steps: {self.all_steps()}"
+            )
+        return step
+
     def restore(
         self, step: int | None = None, *, abstract_state: Mapping[str, Any]
     ) -> tuple[dict, dict]:
@@ -138,21 +152,24 @@ class Checkpointer:
         leaves whose `.sharding` says where each array goes: a different mesh than at save
         time reshards on load. Raises FileNotFoundError when there is nothing to restore.
         """
-        self._manager.wait_until_finished()
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        if step not in self._manager.all_steps():
-            raise FileNotFoundError(
-                f"checkpoint step {step} not in {self.directory}; steps: {self.all_steps()}"
-            )
+        step = self._existing_step(step)
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(dict(abstract_state)), META: ocp.args.JsonRestore()}
+                **{
+                    STATE: ocp.args.StandardRestore(dict(abstract_state)),
+                    META: ocp.args.JsonRestore(),
+                }
             ),
         )
         return dict(out[STATE]), dict(out[META])
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The JSON meta of `step` (default: latest) without touching the arrays: check the
+        config before building the abstract state it determines."""
+        step = self._existing_step(step)
+        out = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+        return dict(out[META])
 
     def wait(self) -> None:
         """Blocks until the background save (if any) is committed."""
@@ -198,22 +215,39 @@ def restore_params(path: str, abstract_params: Any | None = None, key: str = "pa
         saved = manager.item_metadata(step)[STATE]
         if key not in saved:
             raise KeyError(f"checkpoint {root}/{step} has no {key!r}; it holds {sorted(saved)}")
-        if abstract_params is None:
-            abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[key])
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_params)
+        given = abstract_params is not None
+        if not given:
+            abstract_params = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[key]
+            )
+            restore_args = jax.tree.map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_params
+            )
         else:
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
         out = manager.restore(
             step,
             args=ocp.args.Composite(
-                **{STATE: ocp.args.PyTreeRestore(
-                    item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True
-                )}
+                **{
+                    STATE: ocp.args.PyTreeRestore(
+                        item={key: abstract_params},
+                        restore_args={key: restore_args},
+                        partial_restore=True,
+                    )
+                }
             ),
         )
-        return out[STATE][key]
+        return out[STATE][key] if given else _int_keys(out[STATE][key])
     finally:
         manager.close()
+
+
+def _int_keys(tree: Any) -> Any:
+    """Orbax metadata names every dict key as a string; our params use int layer keys."""
+    if isinstance(tree, Mapping):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
+                for k, v in tree.items()}
+    return tree
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -313,7 +347,7 @@ class PreemptionGuard:
         if self._multi_host:
             return self
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionGuard must be entered on the main thread (signal handlers)")
+            raise RuntimeError("PreemptionGuard must be entered on the main thread (signals)")
         for s in self._signals:
             self._previous[s] = signal.signal(s, self._handle)
         return self

@@ -83,10 +83,10 @@ def isdir(path: str) -> bool:
 
 def listdir(path: str) -> list[str]:
     """Names (not paths) of the entries directly under `path`, sorted; [] if it is missing."""
-    fs = _filesystem(path)
+    # refresh: gcsfs caches listings, and checkpoints appear from other processes.
+    kwargs = {"refresh": True} if is_gcs(path) else {}
     try:
-        entries = fs.ls(_strip(path), detail=False, refresh=True) if is_gcs(path) else fs.ls(
-            _strip(path), detail=False)
+        entries = _filesystem(path).ls(_strip(path), detail=False, **kwargs)
     except FileNotFoundError:
         return []
     return sorted({posixpath.basename(e.rstrip("/")) for e in entries} - {""})
@@ -156,7 +156,7 @@ def check_gcs_bucket(path: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     except OSError as e:
         raise RuntimeError(
             f"cannot reach the GCS endpoint {where} for {path!r}: {e}"
-            + (" (STORAGE_EMULATOR_HOST is set; is the emulator running?)" if emulator_url() else "")
+            + (" (STORAGE_EMULATOR_HOST is set: is the emulator up?)" if emulator_url() else "")
         ) from e
     result: queue.Queue = queue.Queue()
 
@@ -178,7 +178,7 @@ def check_gcs_bucket(path: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         raise ValueError(f"GCS bucket {bucket!r} does not exist at {where} (path {path!r})")
     # gcsfs reports 403 as OSError("Forbidden: ...") and 401 as HttpError(code=401).
     forbidden = isinstance(outcome, OSError) and str(outcome).startswith("Forbidden")
-    if forbidden or isinstance(outcome, PermissionError) or getattr(outcome, "code", None) in (401, 403):
+    if forbidden or getattr(outcome, "code", None) in (401, 403):
         raise ValueError(f"permission denied on GCS bucket {bucket!r} at {where}: {outcome}")
     if isinstance(outcome, BaseException):
         raise RuntimeError(f"GCS bucket {bucket!r} at {where} is not usable: {outcome!r}")

@@ -25,6 +25,8 @@ def shared_data_dir():
 
 
 # GCS emulator (fake-gcs-server) session fixture `gcs_emulator`, from tests/gcs_emulator.py.
+# gcsfs reads this at import (whoever imports it first); its gRPC probe hangs on an emulator.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 from gcs_emulator import gcs_emulator  # noqa: E402,F401
 
 

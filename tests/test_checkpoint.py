@@ -56,8 +56,8 @@ def make_state(seed: int, mesh: Mesh, rows: int = 64) -> dict:
     rng = np.random.default_rng(seed)
     params = {
         "embed": rng.standard_normal((rows, 16), dtype=np.float32),
-        "layers": {"w": rng.standard_normal((rows, 8)).astype(jnp.bfloat16),
-                   "b": rng.standard_normal(8, dtype=np.float32)},
+        "layers": {i: {"w": rng.standard_normal((rows, 8)).astype(jnp.bfloat16),
+                       "b": rng.standard_normal(8, dtype=np.float32)} for i in range(2)},
     }
     params = place(params, mesh)
     opt = optax.adamw(1e-2)
@@ -105,6 +105,7 @@ def test_round_trip_bit_exact_async(ckpt_dir, mesh8):
         ckpt.wait()
     with Checkpointer(ckpt_dir, save_every=1) as ckpt:
         assert ckpt.latest_step() == 1
+        assert ckpt.read_meta() == meta
         restored, restored_meta = ckpt.restore(abstract_state=abstract(state, mesh8))
     assert_bit_equal(restored, state)
     assert restored_meta == meta

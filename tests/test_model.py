@@ -137,3 +137,10 @@ def test_hf_config_forms_and_errors():
     with pytest.raises(ValueError, match="lacks hidden_size"):
         QwenConfig.from_hf_dict({k: v for k, v in base.items() if k != "hidden_size"}
                                 | {"rope_theta": 1.0})
+
+
+def test_preset_by_either_name():
+    assert QwenConfig.preset("Qwen2.5-Math-7B") == QwenConfig.preset("qwen2_5_math_7b")
+    assert QwenConfig.preset("qwen2_5_math_7b").rope_theta == 10000.0
+    with pytest.raises(ValueError, match="unknown model preset 'qwen3'"):
+        QwenConfig.preset("qwen3")

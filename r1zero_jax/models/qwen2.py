@@ -96,9 +96,12 @@ class QwenConfig:
 
     @classmethod
     def preset(cls, name: str) -> "QwenConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return getattr(cls, PRESETS[name])()
+        """By HF-style name ('qwen2.5-math-1.5b') or method name ('qwen2_5_math_1_5b')."""
+        method = PRESETS.get(name.lower(), name)
+        if method not in PRESETS.values():
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} "
+                             f"(or {sorted(PRESETS.values())})")
+        return getattr(cls, method)()
 
     # -- Hugging Face config.json ----------------------------------------------------------
     @classmethod
