@@ -7,10 +7,12 @@ copied from the source.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import tempfile
 from typing import Callable
 
 import jax
@@ -19,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from r1zero_jax import paths
 from r1zero_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
 from r1zero_jax.models.qwen2 import (QwenConfig, Qwen2, abstract_model, check_mesh_fits,
                                      model_from_params, param_shardings)
@@ -82,13 +85,41 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-# -- reading HF directories -------------------------------------------------------------------
-def is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and not is_our_checkpoint(path)
-
-
+# -- paths: local or gs:// ---------------------------------------------------------------------
 def is_our_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER))
+    """Our params checkpoint or a training run's checkpoint directory (both carry MARKER)."""
+    return paths.exists(paths.join(_ckpt_root(path), MARKER))
+
+
+def _ckpt_root(path: str) -> str:
+    """A step directory (`.../checkpoints/120`) belongs to the checkpoint directory above it."""
+    path = str(path).rstrip("/")
+    head, _, name = path.rpartition("/")
+    if name.isdigit() and head and paths.exists(paths.join(head, MARKER)):
+        return head
+    return path
+
+
+@contextlib.contextmanager
+def _local_dir(path: str):
+    """`path` itself when local; a temporary local copy of a gs:// directory's files."""
+    if not paths.is_gcs(path):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="r1zero-") as tmp:
+        for name in paths.listdir(path):
+            if not paths.isdir(paths.join(path, name)):
+                with paths.open_file(paths.join(path, name), "rb") as src, \
+                        open(os.path.join(tmp, name), "wb") as dst:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+        yield tmp
+
+
+def _upload_dir(local: str, remote: str) -> None:
+    for name in os.listdir(local):
+        with open(os.path.join(local, name), "rb") as src, \
+                paths.open_file(paths.join(remote, name), "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
 
 
 def _hf_tensor_files(hf_dir: str) -> dict[str, SafetensorsFile]:
@@ -165,7 +196,7 @@ def params_to_hf_tensors(params: dict, config: QwenConfig, dtype=None) -> dict[s
 
 
 def write_hf_dir(out_dir: str, params: dict, config: QwenConfig, *, dtype: str = "bfloat16",
-                 side_files_from: str | None = None, base_hf_config: dict | None = None) -> None:
+                 base_hf_config: dict | None = None) -> None:
     """A directory that transformers' AutoModelForCausalLM.from_pretrained loads offline.
 
     `base_hf_config` (the source's config.json) keeps fields we do not model, e.g. token ids.
@@ -195,70 +226,74 @@ def write_hf_dir(out_dir: str, params: dict, config: QwenConfig, *, dtype: str =
                  "weight_map": weight_map}
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
-    if side_files_from:
-        copy_side_files(side_files_from, out_dir)
 
 
 def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer / generation-config files that exist in `src` (local or gs://)."""
     copied = []
     for fn in SIDE_FILES:
-        if os.path.isfile(os.path.join(src, fn)):
-            shutil.copyfile(os.path.join(src, fn), os.path.join(dst, fn))
+        if paths.exists(paths.join(src, fn)):
+            with paths.open_file(paths.join(src, fn), "rb") as f_in, \
+                    paths.open_file(paths.join(dst, fn), "wb") as f_out:
+                shutil.copyfileobj(f_in, f_out)
             copied.append(fn)
     return copied
 
 
 # -- our checkpoint ---------------------------------------------------------------------------
+def write_marker(directory: str, config: QwenConfig, hf_config: dict | None = None) -> None:
+    """Mark an Orbax checkpoint directory as holding this model's params (under `params`).
+
+    The trainer writes it into its checkpoint directory too, so a run's checkpoints load with
+    `load_model` and convert with `convert to-hf` directly.
+    """
+    paths.makedirs(directory)
+    paths.write_text(paths.join(directory, MARKER), json.dumps(
+        {"format": FORMAT, "version": 1, "config": {**(hf_config or {}), **config.to_hf_dict()}},
+        indent=2))
+
+
 def save_params(out_dir: str, params: dict, config: QwenConfig,
                 hf_config: dict | None = None) -> None:
-    """Write our params checkpoint (Orbax) with its config marker (HF config.json fields)."""
-    import orbax.checkpoint as ocp
+    """Write our params checkpoint: one Orbax step (0) holding {"params"} plus the marker."""
+    from r1zero_jax.checkpoint import Checkpointer
 
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, "params"), params, force=True)
-    with open(os.path.join(out_dir, MARKER), "w") as f:
-        json.dump({"format": FORMAT, "version": 1,
-                   "config": {**(hf_config or {}), **config.to_hf_dict()}}, f, indent=2)
-
-
-def restore_params(ckpt_dir: str, config: QwenConfig, mesh: Mesh | None = None) -> dict:
-    """Our params checkpoint -> nested dict of arrays (sharded on `mesh` when given)."""
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = os.path.abspath(ckpt_dir)
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(os.path.join(ckpt_dir, "params"))
-        tree = getattr(meta, "item_metadata", meta)
-        if mesh is None:
-            return _int_keys(ckptr.restore(os.path.join(ckpt_dir, "params")))
-        shardings = param_shardings(abstract_model(config), mesh).to_pure_dict()
-        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                              _int_keys(tree), shardings)
-        return _int_keys(ckptr.restore(os.path.join(ckpt_dir, "params"), target))
+    with Checkpointer(out_dir, save_every=1, keep_last=1, async_save=False) as ckpt:
+        if ckpt.latest_step() is not None:
+            raise ValueError(f"{out_dir} already holds a checkpoint; choose an empty directory")
+        ckpt.save(0, {"params": params}, {"format": FORMAT}, force=True)
+        ckpt.wait()
+    write_marker(out_dir, config, hf_config)
 
 
-def _int_keys(tree):
-    """Orbax metadata names list items by string; our params use int layer keys."""
-    if isinstance(tree, dict) or hasattr(tree, "items"):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
-                for k, v in tree.items()}
-    return tree
+def restore_params(ckpt_dir: str, config: QwenConfig, mesh: Mesh | None = None,
+                   dtype=None) -> dict:
+    """Params of our checkpoint (latest step) as a nested dict; sharded on `mesh` when given
+    (then in `dtype`, float32 by default; without a mesh, numpy arrays as saved)."""
+    from r1zero_jax import checkpoint
+
+    abstract = None
+    if mesh is not None:
+        check_mesh_fits(config, mesh)
+        model = abstract_model(config, param_dtype=dtype or jnp.float32)
+        shardings = param_shardings(model, mesh).to_pure_dict()
+        abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                                nnx.state(model, nnx.Param).to_pure_dict(), shardings)
+    return checkpoint.restore_params(ckpt_dir, abstract)
 
 
 def read_hf_config_dict(path: str) -> dict:
     """The HF-style config dict of an HF directory or of our checkpoint."""
-    fn = os.path.join(path, MARKER if is_our_checkpoint(path) else "config.json")
+    ours = is_our_checkpoint(path)
+    fn = paths.join(_ckpt_root(path), MARKER) if ours else paths.join(path, "config.json")
     try:
-        with open(fn) as f:
-            d = json.load(f)
+        d = json.loads(paths.read_text(fn))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} holds no config.json (not an HF model directory "
                                 "nor an r1zero-jax checkpoint)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{fn} is not valid JSON: {e}") from None
-    if is_our_checkpoint(path):
+    if ours:
         d = d.get("config") if isinstance(d, dict) else None
     if not isinstance(d, dict):
         raise ValueError(f"{fn} does not hold a JSON object with the model config")
@@ -271,11 +306,12 @@ def read_config(path: str) -> QwenConfig:
 
 # -- the two conversions and loading ----------------------------------------------------------
 def convert_from_hf(hf_dir: str, out: str) -> None:
-    hf_config = read_hf_config_dict(hf_dir)
-    config = QwenConfig.from_hf_dict(hf_config)
-    params = read_hf_params(hf_dir, config)
-    save_params(out, params, config, hf_config)
-    copy_side_files(hf_dir, out)
+    with _local_dir(hf_dir) as local:
+        hf_config = read_hf_config_dict(local)
+        config = QwenConfig.from_hf_dict(hf_config)
+        params = read_hf_params(local, config)
+        save_params(out, params, config, hf_config)
+        copy_side_files(local, out)
     print(f"wrote {out} ({sum(np.size(x) for x in jax.tree.leaves(params)):,} params)")
 
 
@@ -284,22 +320,29 @@ def convert_to_hf(ckpt: str, out: str, dtype: str = "bfloat16") -> None:
         raise ValueError(f"{ckpt} is not an r1zero-jax checkpoint (no {MARKER})")
     hf_config = read_hf_config_dict(ckpt)
     config = QwenConfig.from_hf_dict(hf_config)
-    write_hf_dir(out, restore_params(ckpt, config), config, dtype=dtype, side_files_from=ckpt,
-                 base_hf_config=hf_config)
+    params = restore_params(ckpt, config)
+    with tempfile.TemporaryDirectory(prefix="r1zero-") as tmp:
+        local = tmp if paths.is_gcs(out) else out
+        write_hf_dir(local, params, config, dtype=dtype, base_hf_config=hf_config)
+        if paths.is_gcs(out):
+            _upload_dir(local, out)
+    copy_side_files(_ckpt_root(ckpt), out)
     print(f"wrote {out} ({dtype})")
 
 
 def load_params(path: str, mesh: Mesh | None = None, dtype=None) -> tuple[dict, QwenConfig]:
-    """Params (nested dict) and config from an HF directory or our checkpoint."""
-    if not os.path.isdir(path):
+    """Params (nested dict) and config from an HF directory or our checkpoint (local or gs://)."""
+    if not paths.isdir(path):
         raise FileNotFoundError(f"model path {path} does not exist")
-    config = read_config(path)
     if is_our_checkpoint(path):
-        params = restore_params(path, config, mesh)
-        if dtype is not None:
+        config = read_config(path)
+        params = restore_params(path, config, mesh, dtype)
+        if dtype is not None and mesh is None:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
         return params, config
-    return read_hf_params(path, config, mesh, dtype=dtype), config
+    with _local_dir(path) as local:
+        config = read_config(local)
+        return read_hf_params(local, config, mesh, dtype=dtype), config
 
 
 def load_model(path: str, mesh: Mesh, *, dtype=jnp.float32, param_dtype=None, remat=False):
@@ -312,11 +355,14 @@ def load_model(path: str, mesh: Mesh, *, dtype=jnp.float32, param_dtype=None, re
 
 
 def load_tokenizer(path: str):
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
+    """The tokenizer saved beside a model (HF dir or our checkpoint), or None."""
+    root = _ckpt_root(path) if is_our_checkpoint(path) else path
+    if not any(paths.exists(paths.join(root, f)) for f in ("tokenizer.json", "vocab.json")):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    with _local_dir(root) as local:
+        return AutoTokenizer.from_pretrained(local)
 
 
 def model_params(model: Qwen2) -> dict:
