@@ -1,9 +1,10 @@
 """Sampling throughput: r1zero-jax `sample()` against transformers' `generate`, same weights.
 
 Each (framework, case) runs in its own subprocess so its peak memory is its own. Decode speed is
-marginal: (tokens of a long run - tokens of a short run) / (time difference), which removes
-prefill, compilation and fixed overheads. Both generate exactly the requested number of tokens
-(EOS ignored), sampling at temperature 1 with transformers' KV cache on.
+marginal, without prefill and compilation: r1zero-jax times its jitted decode loop alone
+(`Rollout.timings`); transformers by difference, (time of a long run - time of a short run) /
+(extra tokens). Both generate exactly the requested number of tokens (EOS ignored), sampling at
+temperature 1, transformers with its KV cache on. Best of --repeats timed runs after a warm-up.
 
   python benchmarks/sampling.py                    # CPU: 15M-param Qwen2, float32, both targets
   python benchmarks/sampling.py --preset qwen2.5-0.5b --dtype bfloat16 --batch 64,256 \
@@ -67,19 +68,20 @@ def run_jax(args, weights: str, batch: int, prompt_len: int, lengths: list[int])
     mesh = make_mesh(args.mesh)
     model, cfg, _ = load_model(weights, mesh, dtype=dtype, param_dtype=dtype)
     tokens, mask = _prompts(batch, prompt_len, cfg.vocab_size)
-    times = {}
-    for n in lengths:
+    times, steps = {}, {}
+    for n in lengths[-1:]:  # the decode loop is timed alone: one length is enough
         sp = SamplingParams(max_new_tokens=n, temperature=1.0, ignore_eos=True)
         ro = sample(model, tokens, mask, sp, seed=0, mesh=mesh)  # compile
         assert int(ro.lengths.min()) == n
-        best = float("inf")
+        best, best_step = float("inf"), float("inf")
         for rep in range(args.repeats):
             t = time.perf_counter()
             ro = sample(model, tokens, mask, sp, seed=rep + 1, mesh=mesh)
             best = min(best, time.perf_counter() - t)
-        times[n] = best
+            best_step = min(best_step, ro.timings["decode_s"] / ro.timings["decode_steps"])
+        times[n], steps[n] = best, best_step
     stats = jax.devices()[0].memory_stats() or {}
-    return {"times": times, "peak_bytes": stats.get("peak_bytes_in_use"),
+    return {"times": times, "decode_step_s": steps, "peak_bytes": stats.get("peak_bytes_in_use"),
             "device": jax.devices()[0].device_kind, "num_devices": jax.device_count()}
 
 
@@ -87,7 +89,7 @@ def run_hf(args, weights: str, batch: int, prompt_len: int, lengths: list[int]) 
     import torch
     from transformers import Qwen2ForCausalLM
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.hf_threads or os.cpu_count() or 1)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = Qwen2ForCausalLM.from_pretrained(weights, dtype=dtype).eval()
     tokens, mask = _prompts(batch, prompt_len, model.config.vocab_size)
@@ -119,7 +121,8 @@ def _spawn(args, framework: str, batch: int, prompt_len: int, lengths: list[int]
     cmd = [sys.executable, __file__, "--child", framework, "--weights", args.weights,
            "--child-batch", str(batch), "--child-prompt", str(prompt_len),
            "--child-lengths", ",".join(map(str, lengths)), "--dtype", args.dtype,
-           "--mesh", args.mesh, "--repeats", str(args.repeats)]
+           "--mesh", args.mesh, "--repeats", str(args.repeats), "--hf-threads",
+           str(args.hf_threads)]
     if args.preset:
         cmd += ["--preset", args.preset]
     t = time.perf_counter()
@@ -128,7 +131,9 @@ def _spawn(args, framework: str, batch: int, prompt_len: int, lengths: list[int]
     if proc.returncode or not lines:
         raise RuntimeError(f"{framework} child failed:\n{proc.stderr[-3000:]}")
     out = json.loads(lines[-1][len("RESULT "):])
-    out["times"] = {int(k): v for k, v in out["times"].items()}
+    for k in ("times", "decode_step_s"):
+        if k in out:
+            out[k] = {int(n): v for n, v in out[k].items()}
     print(f"  {framework:4s} B={batch:<4d} prompt={prompt_len:<5d} "
           + " ".join(f"{n} tok: {s:.3f}s" for n, s in out["times"].items())
           + f"  (run {time.perf_counter() - t:.0f}s)", flush=True)
@@ -136,9 +141,13 @@ def _spawn(args, framework: str, batch: int, prompt_len: int, lengths: list[int]
 
 
 def marginal(res: dict, batch: int) -> tuple[float, float]:
-    """(generated tokens/s, seconds per decode step) between the shortest and longest run."""
-    (n1, t1), (n2, t2) = min(res["times"].items()), max(res["times"].items())
-    step = (t2 - t1) / (n2 - n1)
+    """(generated tokens/s, seconds per decode step): r1zero-jax times its decode loop alone
+    (longest run); transformers by difference between the shortest and longest run."""
+    if "decode_step_s" in res:
+        step = res["decode_step_s"][max(res["decode_step_s"])]
+    else:
+        (n1, t1), (n2, t2) = min(res["times"].items()), max(res["times"].items())
+        step = (t2 - t1) / (n2 - n1)
     return batch / step, step
 
 
@@ -155,13 +164,14 @@ def main(argv=None) -> None:
     p.add_argument("--mesh", default="data=-1")
     p.add_argument("--batch", default="8,32", help="batch sizes of the throughput table")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", default="32,160", help="short,long run for marginal speed")
+    p.add_argument("--new-tokens", default="32,96", help="short,long run for marginal speed")
     p.add_argument("--scaling-batch", type=int, default=8)
     p.add_argument("--scaling-prompts", default="256,2048",
                    help="cached-token counts of the per-token-time scaling check ('' to skip)")
-    p.add_argument("--scaling-new-tokens", default="16,80")
+    p.add_argument("--scaling-new-tokens", default="16,48")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per length (best kept)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (large models)")
+    p.add_argument("--hf-threads", type=int, default=0, help="torch threads (0: all CPUs)")
     p.add_argument("--weights", default=None, help="HF dir to reuse (default: fresh random)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-batch", type=int, help=argparse.SUPPRESS)

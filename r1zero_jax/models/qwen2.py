@@ -169,27 +169,35 @@ PRESETS = {
 # -- KV cache ----------------------------------------------------------------------------------
 @flax.struct.dataclass
 class KVCache:
-    """k, v: [L, B, S, K, H]; valid: [B, S] slots holding a real (non-pad) token; index: next slot."""
+    """k, v: one [B, K, S, H] array per layer; valid: [B, S] slots holding a real (non-pad)
+    token; index: next slot.
 
-    k: jax.Array
-    v: jax.Array
+    Per-layer arrays, kv heads before slots: each decode step updates a layer's cache in place
+    and attention reads it without a transpose or a copy.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
+    LAYER_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
+
     @classmethod
     def init(cls, config: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
+        return cls(k=zeros(), v=zeros(), valid=jnp.zeros((batch, max_len), bool),
+                   index=jnp.zeros((), jnp.int32))
 
-    @staticmethod
-    def logical_axes() -> "KVCache":
-        kv = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+    def logical_axes(self) -> "KVCache":
+        kv = tuple(KVCache.LAYER_AXES for _ in self.k)
         return KVCache(k=kv, v=kv, valid=("batch", "cache_length"), index=())
 
     def shardings(self, mesh: Mesh) -> "KVCache":
-        return jax.tree.map(lambda axes: shd.logical_sharding(mesh, axes), KVCache.logical_axes(),
-                            is_leaf=lambda x: isinstance(x, tuple))
+        return jax.tree.map(lambda axes: shd.logical_sharding(mesh, axes), self.logical_axes(),
+                            is_leaf=lambda x: isinstance(x, tuple) and all(
+                                isinstance(a, (str, type(None))) for a in x))
 
 
 # -- layers ------------------------------------------------------------------------------------
@@ -238,7 +246,7 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, key_valid, key_slot, query_slot, kv=None, index=None):
         """x [B,T,D]; key_valid [B,S]; key_slot [S]; query_slot [T].
 
-        Without a cache S == T. With a cache (kv = (k [B,S,K,H], v) of this layer), the new keys
+        Without a cache S == T. With a cache (kv = (k [B,K,S,H], v) of this layer), the new keys
         are written at slots index..index+T-1 and the updated (k, v) are returned.
         """
         cfg, dt = self.cfg, self.dtype
@@ -247,20 +255,22 @@ class Attention(nnx.Module):
         k = jnp.einsum("BTD,DKH->BTKH", x, p(self.k_kernel)) + p(self.k_bias)
         v = jnp.einsum("BTD,DKH->BTKH", x, p(self.v_kernel)) + p(self.v_bias)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        keys = "BSKH"
         if kv is not None:
             cache_k, cache_v = kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-            kv = (k, v)
+            write = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731
+                c, new.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, index, 0))
+            k, v = kv = write(cache_k, k), write(cache_v, v)
+            keys = "BKSH"
         b, t = x.shape[:2]
         g = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(dt),
+        scores = jnp.einsum(f"BTKGH,{keys}->BKGTS", q, k.astype(dt),
                             preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
         allowed = key_valid[:, None, None, None, :] & (
             key_slot[None, :] <= query_slot[:, None])[None, None, None]
         probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG_INF), axis=-1).astype(dt)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt))
+        out = jnp.einsum(f"BKGTS,{keys}->BTKGH", probs, v.astype(dt))
         out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
         return jnp.einsum("BTNH,NHD->BTD", out, p(self.o_kernel)), kv
 
@@ -335,7 +345,7 @@ class Qwen2(nnx.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         if cache is not None:
-            cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), valid=key_valid,
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid,
                             index=cache.index + t)
         return self.final_norm(x), cache
 
@@ -380,8 +390,14 @@ def abstract_model(config: QwenConfig, *, dtype=jnp.float32, param_dtype=jnp.flo
 
 
 def num_params(config: QwenConfig) -> int:
-    state = nnx.state(abstract_model(config), nnx.Param)
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+    """Parameter count from abstract shapes. Layers are identical, so a 1- and a 2-layer model
+    give the per-layer count; building 80 abstract layers of a 72B model would take seconds."""
+    def count(layers):
+        state = nnx.state(abstract_model(dataclasses.replace(config, num_layers=layers)), nnx.Param)
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+    one = count(1)
+    return one + (config.num_layers - 1) * (count(2) - one)
 
 
 def param_shardings(model: Qwen2, mesh: Mesh):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import flax.struct
@@ -41,6 +42,7 @@ from r1zero_jax.sampling import filters
 from r1zero_jax.sampling import stop_strings as stops
 
 PROMPT_LEN_MULTIPLE = 16  # prompt lengths are left-padded to a multiple of this: fewer compiles
+PREFILL_CHUNK = 256  # longer prompts are prefilled this many tokens at a time (bounded scores)
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -84,6 +86,7 @@ class Rollout:
     texts: list[str] | None = None  # decoded, cut after a stop string (with a tokenizer)
     prefill_batch: int = 0  # rows in the prefill (B rounded up to the batch shards)
     logits: np.ndarray | None = None  # float32 [B*n, M, V] with sample(..., return_logits=True)
+    timings: dict = dataclasses.field(default_factory=dict)  # prefill_s, decode_s, decode_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,7 @@ class _Plan:
     num_stop_strings: int
     mesh: Mesh
     return_logits: bool = False
+    prefill_chunk: int = PREFILL_CHUNK
 
 
 @flax.struct.dataclass
@@ -181,12 +185,22 @@ def _prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, gr
     b, tp = tokens.shape
     n, m, mesh = plan.n, plan.max_new_tokens, plan.mesh
     cache = _constrain_cache(KVCache.init(model.config, b, tp, model.dtype), mesh)
-    h, cache = model.hidden_states(tokens, positions_from_mask(mask), mask, cache)
-    logits = model.logits(h[:, -1:])[:, 0]  # left padding: the last column is real in every row
+    positions = positions_from_mask(mask)
+    chunk = min(tp, plan.prefill_chunk)  # tp is a multiple of it
+
+    def prefill_chunk(c, carry):
+        cache, _ = carry
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
+        h, cache = model.hidden_states(part(tokens), part(positions), part(mask), cache)
+        return _constrain_cache(cache, mesh), h[:, -1]
+
+    h0 = jnp.zeros((b, model.config.hidden_size), model.dtype)
+    cache, h = jax.lax.fori_loop(0, tp // chunk, prefill_chunk, (cache, h0))
+    logits = model.logits(h[:, None])[:, 0]  # left padding: the last column is real in every row
     rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=b * n)
-    pad_slots = ((0, 0), (0, 0), (0, m), (0, 0), (0, 0))
+    grow = lambda x: jnp.pad(rep(x, axis=0), ((0, 0), (0, 0), (0, m), (0, 0)))  # noqa: E731
     cache = _constrain_cache(KVCache(
-        k=jnp.pad(rep(cache.k, axis=1), pad_slots), v=jnp.pad(rep(cache.v, axis=1), pad_slots),
+        k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
         valid=jnp.pad(rep(cache.valid, axis=0), ((0, 0), (0, m))), index=cache.index), mesh)
     r = b * n
     batch = lambda x: _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
@@ -271,6 +285,7 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     mask = np.asarray(prompt_mask).astype(bool)
     config = model.config
     _check_prompts(tokens, mask, config.vocab_size)
+    tokens = np.where(mask, tokens, 0)  # pad ids may lie outside the vocabulary
     stop_ids, stop_strs = (), ()
     if not params.ignore_eos:
         stop_ids = params.stop_token_ids + (default_stop_token_ids(tokenizer) if tokenizer else ())
@@ -284,7 +299,8 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     b, tp = tokens.shape
     shards = shd.axis_size(mesh, "batch")
     bp = -(-b // shards) * shards
-    tpp = -(-tp // PROMPT_LEN_MULTIPLE) * PROMPT_LEN_MULTIPLE
+    multiple = PROMPT_LEN_MULTIPLE if tp <= PREFILL_CHUNK else PREFILL_CHUNK
+    tpp = -(-tp // multiple) * multiple
     padded_tokens = np.zeros((bp, tpp), np.int32)
     padded_mask = np.zeros((bp, tpp), bool)
     padded_tokens[:b, tpp - tp:], padded_mask[:b, tpp - tp:] = tokens, mask
@@ -299,7 +315,8 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     plan = _Plan(n=params.n, max_new_tokens=params.max_new_tokens,
                  greedy=params.temperature == 0, top_k=params.top_k,
                  use_top_p=params.top_p < 1.0, stop_token_ids=stop_ids,
-                 num_stop_strings=len(stop_strs), mesh=mesh, return_logits=return_logits)
+                 num_stop_strings=len(stop_strs), mesh=mesh, return_logits=return_logits,
+                 prefill_chunk=PREFILL_CHUNK)
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     rep = shd.replicated(mesh)
     key = jax.device_put(key, rep)
@@ -307,9 +324,15 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     top_p = jax.device_put(np.float32(params.top_p), rep)
     graphdef, state = nnx.split(model)
 
+    t0 = time.perf_counter()
     loop = _prefill(state, shd.shard_batch(mesh, padded_tokens), shd.shard_batch(mesh, padded_mask),
                     key, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
+    jax.block_until_ready(loop)
+    t1 = time.perf_counter()
     loop = _decode(state, loop, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
+    jax.block_until_ready(loop)
+    timings = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1,
+               "decode_steps": int(loop.step) - 1}  # with compilation on a first call
 
     r = b * params.n
     out_tokens = _fetch(loop.tokens)[:r]
@@ -319,7 +342,7 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
         tokens=out_tokens, logprobs=_fetch(loop.logprobs)[:r],
         mask=np.arange(params.max_new_tokens)[None, :] < lengths[:, None], lengths=lengths,
         finish_reason=np.where(stopped, "stop", "length"), prefill_batch=bp,
-        logits=_fetch(loop.logits)[:r] if return_logits else None)
+        logits=_fetch(loop.logits)[:r] if return_logits else None, timings=timings)
     if tokenizer is not None:
         rollout.texts = decode_texts(tokenizer, rollout, stop_strs)
     return rollout
