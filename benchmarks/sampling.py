@@ -202,7 +202,8 @@ def main(argv=None) -> None:
         if not args.no_hf:
             hf = _spawn(args, "hf", b, args.prompt_len, lengths)
             hf_tok_s, _ = marginal(hf, b)
-            row += f" | transformers {hf_tok_s:9.0f} tok/s ({_mem(hf)}) | ratio {tok_s / hf_tok_s:.2f}x"
+            row += (f" | transformers {hf_tok_s:9.0f} tok/s ({_mem(hf)}) | "
+                    f"ratio {tok_s / hf_tok_s:.2f}x")
         rows.append(row)
     print(f"\nmarginal decode throughput, prompt {args.prompt_len}, tokens {lengths}:")
     print("\n".join(rows))
@@ -217,7 +218,8 @@ def main(argv=None) -> None:
                 steps[pl]["hf"] = marginal(_spawn(args, "hf", b, pl, lengths), b)[1]
         print(f"\nper-token decode time at batch {b} (ms/step) by cached tokens:")
         for pl in prompts:
-            print(f"  {pl:5d} cached: " + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in steps[pl].items()))
+            print(f"  {pl:5d} cached: "
+                  + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in steps[pl].items()))
         lo, hi = min(prompts), max(prompts)
         for k in steps[lo]:
             print(f"  {k}: growth {hi} vs {lo} cached tokens = {steps[hi][k] / steps[lo][k]:.2f}x")

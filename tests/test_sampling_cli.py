@@ -10,7 +10,7 @@ from r1zero_jax.sampling import stop_strings
 
 CORPUS = ["<think> one plus one is two </think> <answer> 2 </answer>",
           "A conversation between User and Assistant. The answer is enclosed within tags.",
-          "Please reason step by step, and put your final answer within \\boxed{}. éüß 数学"] * 20
+          "Please reason step by step, put your final answer within \\boxed{}. éüß 数学"] * 20
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,10 @@ def test_stop_string_tables_on_byte_level_bpe(model_dir):
     finals = stop_strings.final_states(stops)
     rs = np.random.RandomState(0)
     pieces = [tok(t, add_special_tokens=False)["input_ids"] for t in CORPUS[:3]]
-    for trial in range(200):  # random token streams: the automaton stops where the text first holds a stop string
-        ids = [i for _ in range(4) for i in pieces[rs.randint(3)][rs.randint(20):][:rs.randint(1, 8)]]
+    # random token streams: the automaton stops where the decoded text first holds a stop string
+    for trial in range(200):
+        ids = [i for _ in range(4)
+               for i in pieces[rs.randint(3)][rs.randint(20):][:rs.randint(1, 8)]]
         state, stopped_at = np.zeros(len(stops), int), None
         for k, t in enumerate(ids):
             state = tables[np.arange(len(stops)), t, state]

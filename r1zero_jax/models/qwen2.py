@@ -186,8 +186,9 @@ class KVCache:
     @classmethod
     def init(cls, config: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
-        return cls(k=zeros(), v=zeros(), valid=jnp.zeros((batch, max_len), bool),
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(k=k, v=v, valid=jnp.zeros((batch, max_len), bool),
                    index=jnp.zeros((), jnp.int32))
 
     def logical_axes(self) -> "KVCache":

@@ -14,7 +14,7 @@ CHUNK_PROMPTS = 64  # prompts per sample() call: one compiled shape, bounded mem
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: str | None, template: str) -> list[str]:
-    """--prompt texts and `problem` rows are wrapped by the template; `prompt` rows are used as is."""
+    """--prompt texts and `problem` rows are wrapped by the template; `prompt` rows are kept."""
     check_template(template)
     if prompts:
         return [apply_template(template, p) for p in prompts]
