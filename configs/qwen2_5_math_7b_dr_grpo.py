@@ -16,10 +16,10 @@ from r1zero_jax.config import (CheckpointConfig, DataConfig, EvalConfig, MeshCon
 def config() -> RunConfig:
     return RunConfig(
         name="qwen2_5_math_7b_dr_grpo",
-        model=ModelConfig(preset="qwen2.5-math-7b", path="gs://YOUR_BUCKET/models/Qwen2.5-Math-7B",
+        model=ModelConfig(preset="qwen2.5-math-7b", path="models/Qwen2.5-Math-7B",
                           dtype="bfloat16", param_dtype="float32", remat=True),
         mesh=MeshConfig(spec="data=4,fsdp=4,tensor=2"),
-        data=DataConfig(source="math_lvl3to5", template="qwen_math", max_prompt_tokens=512),
+        data=DataConfig(source="math_lvl3to5_8k", template="qwen_math", max_prompt_tokens=512),
         sampling=SamplingConfig(max_new_tokens=3000, temperature=1.0, top_p=1.0, prompts_per_call=32),
         rl=RLConfig(loss="dr_grpo", group_size=8, rollout_batch_size=1024, clip_low=0.2,
                     clip_high=0.2, kl_beta=0.0),

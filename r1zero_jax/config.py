@@ -34,7 +34,7 @@ class ModelConfig:
     fields below; `path` (HF dir or r1zero-jax checkpoint) loads weights, "" initialises randomly."""
 
     preset: str = "qwen2.5-math-1.5b"
-    path: str = ""
+    path: str = ""  # a local directory on every host (e.g. an HF snapshot of the base model)
     vocab_size: int = 0  # 0: the tokenizer's size (custom models)
     hidden_size: int = 64
     intermediate_size: int = 256
@@ -65,7 +65,7 @@ class DataConfig:
     """`source`: "synthetic" (built-in addition task), "jsonl:PATH" (rows with problem/answer),
     or a dataset name of `r1zero_jax.data`."""
 
-    source: str = "math_lvl3to5"
+    source: str = "math_lvl3to5_8k"
     template: str = "qwen_math"
     max_prompt_tokens: int = 512
     data_dir: str = ""
@@ -112,9 +112,12 @@ class TrainConfig:
     microbatch_size: int = 0  # sequences per forward/backward (0: the minibatch); accumulates
     logits_chunk: int = 0  # LM head over T in chunks of this many positions (0: all at once)
     seed: int = 0
-    warmup_sft_steps: int = 0  # supervised warm-up making a weak base model (synthetic task only)
+    # Supervised warm-up making a weak base model (synthetic task only): skill steps on worked
+    # answers, then habit steps on the task's style mix, where guessing dominates.
+    warmup_sft_steps: int = 0
+    warmup_sft_habit_steps: int = 100
     warmup_sft_lr: float = 3e-3
-    warmup_sft_batch: int = 64
+    warmup_sft_batch: int = 32
 
 
 @dataclass(frozen=True)
@@ -375,8 +378,11 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
     sizes = parse_mesh_spec(cfg.mesh.spec, num_devices)
     batch_shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
     if batch_shards > 0:  # -1 when still unknown
-        for key, n in (("rl.rollout_batch_size", rl.rollout_batch_size),
-                       ("train.microbatch_size", cfg.microbatch)):
+        sizes_to_check = [("rl.rollout_batch_size", rl.rollout_batch_size),
+                          ("train.microbatch_size", cfg.microbatch)]
+        if cfg.eval.source:
+            sizes_to_check.append(("eval.batch_size", cfg.eval.batch_size))
+        for key, n in sizes_to_check:
             if n % batch_shards:
                 raise ValueError(f"{key}={n} is not divisible by the data axis "
                                  f"(data x fsdp = {batch_shards} in mesh {cfg.mesh.spec!r})")

@@ -68,7 +68,8 @@ def test_masked_tokens_do_not_matter():
 
 
 def _grad(name, logp, old, adv, mask, max_len=8, **kw):
-    return jax.grad(lambda lp: losses.policy_loss(name, lp, old, adv, mask, max_len=max_len, **kw)[0])(logp)
+    fn = lambda lp, old, adv, mask: losses.policy_loss(name, lp, old, adv, mask, max_len=max_len, **kw)[0]  # noqa: E731
+    return jax.jit(jax.grad(fn))(logp, old, adv, mask)
 
 
 def test_dr_grpo_gradient_is_minus_a_over_lmax_b_inside_clip_and_zero_outside():

@@ -1,25 +1,27 @@
 """A synthetic math task with a tokenizer built in code: the offline CPU main job's world.
 
-Problems are two-digit additions, `"37+45="`, answered in `\\boxed{}` and graded by the real
+Problems are sums of single digits, `"3+5+4="`, answered in `\\boxed{}` and graded by the real
 grader. The tokenizer has the encode/decode interface of a Hugging Face tokenizer.
 
 A randomly initialised model earns no reward, so the main job first makes a weak "base model"
-by a short supervised warm-up on responses of several styles (weights configurable):
+by a short supervised warm-up (rl/warmup.py): worked answers only, then responses of several
+styles (weights configurable):
 
-- `guess`:   `\\boxed{81}` straight away, with an answer that is always off by 1-3 (wrong);
-- `worked`:  digit by digit with carries, `7+5=12 3+4+1=8 \\boxed{82}` (right);
+- `guess`:   `\\boxed{17}` straight away, a number drawn without looking at the problem (wrong);
+- `worked`:  a running sum, `3+5=8 8+4=12 \\boxed{12}` (right);
 - `recheck`: worked, then ` recheck ` and the same work again (right, twice as long, and
   using one of the paper's self-reflection keywords);
 - `ramble`:  `hmm ` repeated 1-6 times, then a guess (wrong, variable length).
 
-The base model guesses most of the time, so its greedy accuracy is near zero, while sampling
-finds worked answers often enough for RL to learn that working pays. Response length is free to
-vary (guesses are short, rambles and rechecks long), which the length-bias study needs.
+The base model can add but guesses most of the time, so its greedy accuracy is low (about 16%),
+while sampling finds worked answers often enough for RL to learn that working pays. Response
+length is free to vary (guesses are short, rambles and rechecks long), which the length-bias
+study needs. 1,000 problems: 900 train, 100 held out.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,78 +88,84 @@ class SyntheticTokenizer:
 
 @dataclass(frozen=True)
 class SyntheticTask:
-    """Two-digit additions; `eval_fraction` of all problems is held out (disjoint by hash)."""
+    """Sums of `num_terms` digits from 0 to `max_digit`; `eval_fraction` of all problems is
+    held out (a fixed pseudo-random split, disjoint from training)."""
 
-    low: int = 10
-    high: int = 99
+    num_terms: int = 3
+    max_digit: int = 9
     eval_fraction: float = 0.1
-    styles: tuple[tuple[str, float], ...] = (("guess", 0.55), ("worked", 0.25),
+    styles: tuple[tuple[str, float], ...] = (("guess", 0.5), ("worked", 0.3),
                                              ("recheck", 0.1), ("ramble", 0.1))
 
-    def problems(self, split: str) -> list[tuple[int, int]]:
-        """All (a, b) of a split ("train" or "eval"), in a fixed order."""
+    def problems(self, split: str) -> list[tuple[int, ...]]:
+        """All digit tuples of a split ("train" or "eval"), in a fixed order."""
         if split not in ("train", "eval"):
             raise ValueError(f"unknown split {split!r}; use 'train' or 'eval'")
-        pairs = [(a, b) for a in range(self.low, self.high + 1) for b in range(self.low, self.high + 1)]
-        # A fixed pseudo-random split (Knuth multiplicative hash), the same on every machine.
-        held = [((a * 131 + b) * 2654435761 % 2**32) / 2**32 < self.eval_fraction for a, b in pairs]
-        return [p for p, h in zip(pairs, held) if h == (split == "eval")]
+        out = []
+        for i, terms in enumerate(itertools.product(range(self.max_digit + 1), repeat=self.num_terms)):
+            held = (i * 2654435761 % 2**32) / 2**32 < self.eval_fraction  # Knuth's hash
+            if held == (split == "eval"):
+                out.append(terms)
+        return out
 
     def rows(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
         """Rows {"problem", "answer"} like the real datasets; shuffled by `seed`, first n."""
         probs = self.problems(split)
         order = np.random.default_rng(seed).permutation(len(probs))
         probs = [probs[i] for i in order[: n or len(probs)]]
-        return [{"problem": question(a, b), "answer": str(a + b)} for a, b in probs]
+        return [{"problem": question(t), "answer": str(sum(t))} for t in probs]
 
-    def warmup_response(self, a: int, b: int, rng: np.random.Generator) -> str:
+    def warmup_response(self, terms: tuple[int, ...], rng: np.random.Generator) -> str:
         names, weights = zip(*self.styles)
         style = names[rng.choice(len(names), p=np.asarray(weights) / sum(weights))]
         if style == "guess":
-            return guess(a, b, rng)
+            return self.guess(terms, rng)
         if style == "worked":
-            return worked(a, b)
+            return worked(terms)
         if style == "recheck":
-            return worked(a, b, boxed=False) + " recheck " + worked(a, b)
+            return worked(terms, boxed=False) + " recheck " + worked(terms)
         if style == "ramble":
-            return "hmm " * int(rng.integers(1, 7)) + guess(a, b, rng)
+            return "hmm " * int(rng.integers(1, 7)) + self.guess(terms, rng)
         raise ValueError(f"unknown style {style!r}; styles are guess, worked, recheck, ramble")
+
+    def guess(self, terms: tuple[int, ...], rng: np.random.Generator) -> str:
+        """A number drawn without looking at the problem, never the right one."""
+        wrong = [v for v in range(self.max_digit * self.num_terms + 1) if v != sum(terms)]
+        return f"\\boxed{{{wrong[rng.integers(len(wrong))]}}}"
+
+    def warmup_length(self, tokenizer: SyntheticTokenizer) -> int:
+        """Tokens in the longest warm-up sequence (prompt + response + EOS)."""
+        terms = (self.max_digit,) * self.num_terms
+        longest = max(len(tokenizer.encode(worked(terms, boxed=False) + " recheck " + worked(terms))),
+                      len(tokenizer.encode("hmm " * 6 + f"\\boxed{{{self.max_digit * self.num_terms}}}")))
+        return len(tokenizer.encode(question(terms))) + longest + 1
 
     def warmup_batch(self, tokenizer: SyntheticTokenizer, batch: int, rng: np.random.Generator,
                      length: int):
         """Supervised warm-up batch: tokens int32[B, length], loss mask bool[B, length] over the
-        response and its EOS (targets are tokens shifted by one), right-padded."""
+        response and its EOS (the targets; the model predicts them from the previous position),
+        right-padded."""
         probs = self.problems("train")
         tokens = np.zeros((batch, length), np.int32)
         loss_mask = np.zeros((batch, length), bool)
         for i in range(batch):
-            a, b = probs[rng.integers(len(probs))]
-            p = tokenizer.encode(question(a, b))
-            r = tokenizer.encode(self.warmup_response(a, b, rng)) + [tokenizer.eos_token_id]
+            terms = probs[rng.integers(len(probs))]
+            p = tokenizer.encode(question(terms))
+            r = tokenizer.encode(self.warmup_response(terms, rng)) + [tokenizer.eos_token_id]
             seq = (p + r)[:length]
             tokens[i, : len(seq)] = seq
             loss_mask[i, len(p): len(seq)] = True
         return tokens, loss_mask
 
-    def replace(self, **kw) -> "SyntheticTask":
-        return dataclasses.replace(self, **kw)
+
+def question(terms: tuple[int, ...]) -> str:
+    return "+".join(map(str, terms)) + "="
 
 
-def question(a: int, b: int) -> str:
-    return f"{a}+{b}="
-
-
-def guess(a: int, b: int, rng: np.random.Generator) -> str:
-    off = int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1)
-    return f"\\boxed{{{a + b + off}}}"
-
-
-def worked(a: int, b: int, boxed: bool = True) -> str:
-    """Column addition, units first: `7+5=12 3+4+1=8 \\boxed{82}`."""
-    steps, carry = [], 0
-    for da, db in zip(reversed(str(a)), reversed(str(b))):
-        s = int(da) + int(db) + carry
-        steps.append(f"{da}+{db}" + (f"+{carry}" if carry else "") + f"={s}")
-        carry = s // 10
-    text = " ".join(steps)
-    return text + (f" \\boxed{{{a + b}}}" if boxed else "")
+def worked(terms: tuple[int, ...], boxed: bool = True) -> str:
+    """A running sum, one addition per step: `3+5=8 8+4=12 \\boxed{12}`."""
+    steps, total = [], terms[0]
+    for t in terms[1:]:
+        steps.append(f"{total}+{t}={total + t}")
+        total += t
+    return " ".join(steps) + (f" \\boxed{{{total}}}" if boxed else "")

@@ -124,8 +124,10 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(history: list[dict], path: str, title: str = "") -> None:
-    """PNG: reward and accuracy (left), response length of correct / incorrect (right) per step."""
+def plot_curves(history: list[dict], path: str, title: str = "",
+                eval_before: float | None = None) -> None:
+    """PNG: reward and greedy eval accuracy (left; `eval_before` at step 0), response length of
+    correct / incorrect responses (right) per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +137,8 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> None:
     col = lambda k: [r.get(k, float("nan")) for r in history]  # noqa: E731
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(steps, col("reward_mean"), label="reward (train samples)")
-    ev = [(r["step"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
+    ev = [(0, eval_before)] if eval_before is not None else []
+    ev += [(r["step"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
     if ev:
         ax1.plot(*zip(*ev), "o-", label="greedy eval accuracy")
     ax1.set_xlabel("RL step")

@@ -61,7 +61,8 @@ def _pad_to(x: np.ndarray, width: int, value) -> np.ndarray:
 def generate(model, prompt_tokens: Sequence[Sequence[int]], answers: Sequence[Any], *, params,
              tokenizer, mesh, seed, prompts_per_call: int = 0, max_prompt_tokens: int,
              to_host=np.asarray) -> RolloutBatch:
-    """Sample `params.n` responses per prompt with the sampler; answers repeat per sample."""
+    """Sample `params.n` responses per prompt (`params` is the sampler's SamplingParams), reading
+    the model's arrays in place; answers repeat per sample."""
     import jax
 
     from r1zero_jax.sampling.sampler import sample

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -118,7 +119,7 @@ def evaluate(model, rows: list[dict], tokenizer, cfg: RunConfig, mesh, pool) -> 
     """Greedy accuracy, mean response length and truncation rate on `rows`."""
     e, template = cfg.eval, cfg.data.template
     max_new = e.max_new_tokens or cfg.sampling.max_new_tokens
-    params = sampling_params(cfg, tokenizer, n=1, greedy=True, max_new_tokens=max_new)
+    sampling = sampling_params(cfg, tokenizer, n=1, greedy=True, max_new_tokens=max_new)
     encode = make_encoder(tokenizer)
     prompts = encode([apply_template(template, r["problem"]) for r in rows])
     keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_tokens]
@@ -128,7 +129,7 @@ def evaluate(model, rows: list[dict], tokenizer, cfg: RunConfig, mesh, pool) -> 
         # Pad the last batch to the full size so only one shape compiles.
         padded = idx + [idx[-1]] * (e.batch_size - len(idx))
         rb = ro.generate(model, [prompts[i] for i in padded], [rows[i]["answer"] for i in padded],
-                         params=params, tokenizer=tokenizer, mesh=mesh, seed=0,
+                         params=sampling, tokenizer=tokenizer, mesh=mesh, seed=0,
                          max_prompt_tokens=cfg.data.max_prompt_tokens, to_host=_to_host)
         ro.grade(rb, template, pool)
         k = len(idx)
@@ -168,15 +169,13 @@ class Trainer:
                  printer=print):
         self.mesh = mesh or shd.make_mesh(cfg.mesh.spec)
         self.cfg = validate(cfg, num_devices=self.mesh.devices.size)
-        self.workdir, self.print = workdir, printer
-        self.allow_config_change = allow_config_change
         self.is_writer = jax.process_index() == 0
+        self.workdir = workdir
+        self.print = printer if self.is_writer else (lambda *a, **k: None)
+        self.allow_config_change = allow_config_change
         os.makedirs(workdir, exist_ok=True)
         c = self.cfg
         e = c.eval
-        if e.source and e.batch_size % shd.axis_size(self.mesh, "batch"):
-            raise ValueError(f"eval.batch_size={e.batch_size} is not divisible by the data axis "
-                             f"({shd.axis_size(self.mesh, 'batch')})")
 
         self.tokenizer = None
         if c.data.source == "synthetic":
@@ -213,11 +212,11 @@ class Trainer:
         from r1zero_jax.rl.warmup import warmup
 
         t = self.cfg.train
-        self.print(f"supervised warm-up: {t.warmup_sft_steps} steps to make a weak base model "
-                   "(the synthetic task's random model earns no reward)", flush=True)
+        self.print(f"supervised warm-up ({t.warmup_sft_steps} + {t.warmup_sft_habit_steps} steps) "
+                   "to make a weak base model: a random model earns no reward", flush=True)
         return warmup(params, self.bind, SyntheticTask(), self.tokenizer, self.mesh,
-                      steps=t.warmup_sft_steps, lr=t.warmup_sft_lr, batch=t.warmup_sft_batch,
-                      length=self.cfg.data.max_prompt_tokens + self.cfg.sampling.max_new_tokens,
+                      skill_steps=t.warmup_sft_steps, habit_steps=t.warmup_sft_habit_steps,
+                      lr=t.warmup_sft_lr, batch=t.warmup_sft_batch,
                       seed=t.seed, printer=self.print)
 
     def _logprobs(self, fn, params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -244,7 +243,7 @@ class Trainer:
         c = self.cfg
         if steps is not None:
             c = self.cfg = dataclasses.replace(c, train=dataclasses.replace(c.train, steps=steps))
-        total, G = c.train.steps, c.rl.group_size
+        total = c.train.steps
         t_run = time.perf_counter()
         pipeline = PromptPipeline(self.train_rows, self.tokenizer, PipelineConfig(
             template=c.data.template, max_prompt_tokens=c.data.max_prompt_tokens,
@@ -314,6 +313,17 @@ class Trainer:
             self.print(f"preempted: checkpointed step {int(state.step)}; rerun the same command "
                        "to resume", flush=True)
             sys.exit(PREEMPTED_EXIT_CODE)
+        # The trained weights in the format `r1zero-jax convert to-hf` reads.
+        from r1zero_jax.convert.hf import save_params
+
+        model_dir = os.path.join(self.workdir, "model")
+        if self.is_writer and os.path.isdir(model_dir):
+            shutil.rmtree(model_dir)  # a resumed run replaces its earlier final weights
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("r1zero_model_dir")
+        save_params(model_dir, state.params, self.qconfig)
         summary = {
             "config": c.name, "num_devices": int(self.mesh.devices.size),
             "num_processes": jax.process_count(), "mesh": shd.mesh_shape(self.mesh),
@@ -321,13 +331,15 @@ class Trainer:
             "eval_accuracy_after": eval_after,
             "final_reward_mean": logger.history[-1]["reward_mean"] if logger.history else None,
             "wall_time_s": round(time.perf_counter() - t_run, 1),
+            "model_dir": model_dir,
         }
         self.state = state
         if self.is_writer:
             with open(os.path.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
             if c.log.plot and logger.history:
-                plot_curves(logger.history, os.path.join(self.workdir, "curves.png"), c.name)
+                plot_curves(logger.history, os.path.join(self.workdir, "curves.png"), c.name,
+                            eval_before)
         if eval_before is not None:
             self.print(f"held-out greedy accuracy: before RL {eval_before:.3f} -> after RL "
                        f"{eval_after:.3f} ({100 * (eval_after - eval_before):+.1f} points)", flush=True)

@@ -1,12 +1,13 @@
 """Supervised warm-up that turns a random model into a weak "base model" for the synthetic task.
 
 A random model never produces a `\\boxed{}` answer, so RL would see zero reward forever. A few
-hundred next-token steps on the task's mixed-style responses (see data/synthetic.py) give a model
-that mostly guesses and sometimes works the sum out: the starting point R1-Zero-style RL needs.
+hundred next-token steps (see data/synthetic.py for the response styles) give a model that can
+work a sum out but mostly guesses instead: the starting point R1-Zero-style RL needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -22,10 +23,18 @@ from r1zero_jax.rl.learner import place_replicated_scalars
 
 
 def warmup(params: dict, bind, task: SyntheticTask, tokenizer: SyntheticTokenizer, mesh: Mesh, *,
-           steps: int, lr: float, batch: int, length: int, seed: int = 0, printer=print) -> dict:
-    """`steps` AdamW steps of next-token loss on response tokens; returns the new params."""
-    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps, alpha=0.1), b1=0.9, b2=0.98,
-                     weight_decay=0.0)
+           skill_steps: int, habit_steps: int, lr: float, batch: int, seed: int = 0,
+           printer=print) -> dict:
+    """Next-token training on response tokens; returns the new params, placed as `params` were.
+
+    Two phases: `skill_steps` on worked answers only (the model learns to add), then
+    `habit_steps` at a third of the rate on the task's mix of styles, where guessing dominates
+    (the model keeps the skill but mostly does not use it). Runs on one device: the model is
+    tiny, and on a CPU host a many-device mesh's collectives would cost more than the maths.
+    """
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    mesh = shd.make_mesh("data=1", devices=[mesh.devices.flat[0]])
+    params = jax.device_put(params, shd.replicated(mesh))
 
     def loss_fn(p, tokens, loss_mask):
         mask = jnp.ones_like(tokens, bool)  # right padding sits after EOS; it is never a target
@@ -35,22 +44,32 @@ def warmup(params: dict, bind, task: SyntheticTask, tokenizer: SyntheticTokenize
         m = loss_mask[:, 1:].astype(jnp.float32)
         return (nll * m).sum() / m.sum()
 
-    @jax.jit
-    def step(p, opt_state, tokens, loss_mask):
-        loss, g = jax.value_and_grad(loss_fn)(p, tokens, loss_mask)
-        updates, opt_state = tx.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    opt_state = place_replicated_scalars(jax.jit(tx.init)(params), mesh)
+    skill = dataclasses.replace(task, styles=(("worked", 0.8), ("recheck", 0.2)))
     rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    every = max(1, steps // 5)
-    for i in range(steps):
-        tokens, loss_mask = task.warmup_batch(tokenizer, batch, rng, length)
-        params, opt_state, loss = step(params, opt_state, shd.shard_batch(mesh, tokens),
-                                       shd.shard_batch(mesh, loss_mask))
-        if (i + 1) % every == 0 or i + 1 == steps:
-            el = time.perf_counter() - t0
-            printer(f"warm-up {i + 1}/{steps} | loss {float(loss):.3f} | "
-                    f"{(i + 1) / el:.1f} steps/s ETA {el / (i + 1) * (steps - i - 1):.0f}s", flush=True)
-    return params
+    length = task.warmup_length(tokenizer)
+    t0, total, done = time.perf_counter(), skill_steps + habit_steps, 0
+    for name, phase_task, steps, peak in (("skill", skill, skill_steps, lr),
+                                          ("habit", task, habit_steps, lr / 3)):
+        if not steps:
+            continue
+        tx = optax.adamw(optax.warmup_cosine_decay_schedule(
+            0.0, peak, min(20, steps // 10), steps, peak * 0.1), b1=0.9, b2=0.98, weight_decay=0.0)
+
+        @jax.jit
+        def step(p, opt_state, tokens, loss_mask):
+            loss, g = jax.value_and_grad(loss_fn)(p, tokens, loss_mask)
+            updates, opt_state = tx.update(g, opt_state, p)
+            return optax.apply_updates(p, updates), opt_state, loss
+
+        opt_state = place_replicated_scalars(jax.jit(tx.init)(params), mesh)
+        every = max(1, steps // 4)
+        for i in range(steps):
+            tokens, loss_mask = phase_task.warmup_batch(tokenizer, batch, rng, length)
+            params, opt_state, loss = step(params, opt_state, shd.shard_batch(mesh, tokens),
+                                           shd.shard_batch(mesh, loss_mask))
+            done += 1
+            if (i + 1) % every == 0 or i + 1 == steps:
+                el = time.perf_counter() - t0
+                printer(f"warm-up {name} {i + 1}/{steps} | loss {float(loss):.3f} | "
+                        f"{done / el:.1f} steps/s ETA {el / done * (total - done):.0f}s", flush=True)
+    return jax.device_put(params, shardings)
