@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from r1zero_jax import paths
 from r1zero_jax.config import config_name, load_config, to_dict
 
 
@@ -16,15 +17,10 @@ def default_workdir(config: str) -> str:
 
 
 def request_cpu_devices(count: int, num_processes: int = 1) -> None:
-    """Ask XLA for `count` virtual CPU devices in total (split over the local processes).
+    """Ask XLA for `count` virtual CPU devices in total, before JAX starts (notebooks)."""
+    from r1zero_jax import distributed
 
-    Only effective before JAX initialises its backends, hence before `import jax` here."""
-    if count % num_processes:
-        raise ValueError(f"mesh.num_cpu_devices={count} cannot be split over {num_processes} processes")
-    per_process = count // num_processes
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={per_process}"])
+    distributed.set_cpu_device_count(distributed.split_virtual_devices(count, num_processes))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -36,32 +32,28 @@ def train_cli(config: str, overrides=(), workdir: str | None = None, steps: int 
         if steps < 0:
             raise ValueError(f"--steps must be >= 0, got {steps}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-    nproc = num_processes or 1
-    if cfg.mesh.num_cpu_devices:
-        if "jax" in sys.modules:
-            print("note: JAX already imported; mesh.num_cpu_devices applies only to a fresh process",
-                  file=sys.stderr)
-        else:
-            request_cpu_devices(cfg.mesh.num_cpu_devices, nproc)
+    from r1zero_jax import distributed
+
+    if "jax" in sys.modules and cfg.mesh.num_cpu_devices:
+        print("note: JAX already imported; mesh.num_cpu_devices applies only to a fresh process",
+              file=sys.stderr)
+    try:
+        distributed.initialize(coordinator, num_processes, process_id,
+                               cpu_devices=cfg.mesh.num_cpu_devices)
+    except RuntimeError as e:  # a backend already started in this process (notebooks, tests)
+        print(f"note: {e}", file=sys.stderr)
 
     import jax
-
-    if coordinator or nproc > 1:
-        if cfg.mesh.num_cpu_devices:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
 
     from r1zero_jax.rl.trainer import Trainer
 
     workdir = workdir or default_workdir(config)
     trainer = Trainer(cfg, workdir, allow_config_change=allow_config_change)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(to_dict(trainer.cfg), f, indent=2)
+        paths.write_text(paths.join(workdir, "config.json"), json.dumps(to_dict(trainer.cfg), indent=2))
         print(f"train {cfg.name}: {jax.device_count()} {jax.devices()[0].platform} devices, "
               f"mesh {dict(trainer.mesh.shape)}, run directory {workdir}", flush=True)
     trainer.run()
     if jax.process_index() == 0:
-        print(f"wrote {os.path.join(workdir, 'summary.json')} and curves.png", flush=True)
+        print(f"wrote {paths.join(workdir, 'summary.json')} and curves.png", flush=True)
     return 0

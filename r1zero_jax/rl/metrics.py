@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from r1zero_jax import paths
+
 from r1zero_jax.analysis import has_self_reflection
 
 
@@ -82,17 +84,20 @@ class RunLogger:
     def __init__(self, workdir: str, total_steps: int, *, start_step: int = 0,
                  tensorboard: bool = True, enabled: bool = True, printer=print):
         self.workdir, self.total, self.enabled, self.print = workdir, total_steps, enabled, printer
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = paths.join(workdir, "metrics.jsonl")
         self.history = [r for r in read_metrics(self.path) if r["step"] <= start_step]
         self._start_step, self._t0 = start_step, time.perf_counter()
         self._tb = None
         if enabled:
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.history)
+            paths.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                # tensorboardX cannot write gs:// without TensorFlow: event files of a GCS run
+                # stay on the local disk of process 0.
+                tb_dir = (os.path.join("runs", "tensorboard", workdir.replace("gs://", ""))
+                          if paths.is_gcs(workdir) else os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(tb_dir)
 
     def log(self, metrics: dict) -> None:
         step = metrics["step"]
@@ -103,8 +108,7 @@ class RunLogger:
         rate = (time.perf_counter() - self._t0) / max(done, 1)
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics, allow_nan=True) + "\n")
+        paths.append_text(self.path, json.dumps(metrics, allow_nan=True) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 if k != "step" and isinstance(v, (int, float)) and not math.isnan(v):
@@ -118,10 +122,9 @@ class RunLogger:
 
 
 def read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def plot_curves(history: list[dict], path: str, title: str = "",
@@ -155,5 +158,6 @@ def plot_curves(history: list[dict], path: str, title: str = "",
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with paths.open_file(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -20,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1zero_jax import paths
 from r1zero_jax import sharding as shd
 from r1zero_jax.config import RunConfig, to_dict, validate
 from r1zero_jax.data.pipeline import PipelineConfig, PromptPipeline, make_encoder
@@ -91,7 +90,8 @@ def build_model(cfg: RunConfig, mesh, tokenizer=None):
 
 
 def _to_host(x):
-    if jax.process_count() > 1:
+    # The sampler already returns host numpy; only a global array spanning hosts needs gathering.
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -173,7 +173,7 @@ class Trainer:
         self.workdir = workdir
         self.print = printer if self.is_writer else (lambda *a, **k: None)
         self.allow_config_change = allow_config_change
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
         c = self.cfg
         e = c.eval
 
@@ -202,7 +202,7 @@ class Trainer:
         from r1zero_jax.checkpoint import Checkpointer
 
         k = self.cfg.checkpoint
-        directory = k.directory or os.path.join(self.workdir, "checkpoints")
+        directory = k.directory or paths.join(self.workdir, "checkpoints")
         return Checkpointer(directory, save_every=k.every or max(self.cfg.train.steps, 1),
                             keep_last=k.keep_last, keep_every=k.keep_every or None,
                             async_save=k.async_save)
@@ -250,6 +250,10 @@ class Trainer:
             batch_size=c.prompts_per_rollout, seed=c.data.seed))
         ckpt = self._checkpointer()
         latest = ckpt.latest_step()
+        if self.is_writer:  # the run's checkpoints are model paths too (load_model, to-hf)
+            from r1zero_jax.convert.hf import write_marker
+
+            write_marker(ckpt.directory, self.qconfig)
         params = self._init_params
         self._init_params = None
         meta: dict[str, Any] = {}
@@ -258,11 +262,13 @@ class Trainer:
         state = init_state(params, self.tx, self.mesh)
         ref_params = None
         if latest is not None:
-            saved, meta = ckpt.restore(latest, abstract_state=self._ckpt_tree(abstract_state(state)))
-            diffs = check_config_compatible(meta["config"], to_dict(c), self.allow_config_change,
-                                            ignore=RESUMABLE_CHANGES)
+            # Compare configs before restoring: a changed model shape then reads as the list of
+            # changed fields, not as an Orbax shape error.
+            diffs = check_config_compatible(ckpt.read_meta(latest)["config"], to_dict(c),
+                                            self.allow_config_change, ignore=RESUMABLE_CHANGES)
             for d in diffs:
                 self.print(f"config change on resume: {d}")
+            saved, meta = ckpt.restore(latest, abstract_state=self._ckpt_tree(abstract_state(state)))
             state = TrainState(step=saved["step"], params=saved["params"],
                                opt_state=saved["opt_state"])
             ref_params = saved.get("ref_params")
@@ -316,9 +322,9 @@ class Trainer:
         # The trained weights in the format `r1zero-jax convert to-hf` reads.
         from r1zero_jax.convert.hf import save_params
 
-        model_dir = os.path.join(self.workdir, "model")
-        if self.is_writer and os.path.isdir(model_dir):
-            shutil.rmtree(model_dir)  # a resumed run replaces its earlier final weights
+        model_dir = paths.join(self.workdir, "model")
+        if self.is_writer and paths.exists(model_dir):
+            paths.remove(model_dir, recursive=True)  # a resumed run replaces its final weights
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -335,10 +341,9 @@ class Trainer:
         }
         self.state = state
         if self.is_writer:
-            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            paths.write_text(paths.join(self.workdir, "summary.json"), json.dumps(summary, indent=2))
             if c.log.plot and logger.history:
-                plot_curves(logger.history, os.path.join(self.workdir, "curves.png"), c.name,
+                plot_curves(logger.history, paths.join(self.workdir, "curves.png"), c.name,
                             eval_before)
         if eval_before is not None:
             self.print(f"held-out greedy accuracy: before RL {eval_before:.3f} -> after RL "
