@@ -6,7 +6,8 @@ tokens, lr 1e-6 constant, betas (0.9, 0.95), clip 1.0, beta = 0).
 Mesh: 32 chips = data 4 x fsdp 4 x tensor 2 (28 query / 4 KV heads split over tensor 2).
 Per-device batch: microbatch 16 / (data 4 x fsdp 4) = 1 sequence of up to ~3.5k tokens, with
 8 accumulation steps per optimizer step; layers rematerialised. On a v5p-64 (32 chips) the same
-mesh applies; on v5e-64 (16 GB HBM per chip) use data=2,fsdp=16,tensor=2.
+mesh applies; on v5e-64 (16 GB HBM per chip) use --set mesh.spec=data=2,fsdp=16,tensor=2
+--set train.microbatch_size=32 (the microbatch must divide over data x fsdp = 32).
 """
 
 from r1zero_jax.config import (CheckpointConfig, DataConfig, EvalConfig, MeshConfig, ModelConfig,
