@@ -140,4 +140,25 @@ def shard_batch(mesh: Mesh, x, logical_axes: tuple[str | None, ...] | None = Non
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
     # Multi-host: every process holds the full host batch; each device takes its own slice.
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return from_host(x, sharding)
+
+
+
+def to_host(tree):
+    """Numpy copies of (possibly multi-host) global arrays, the full value on every process."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def from_host(tree, shardings):
+    """Host arrays (the same full value on every process) -> global arrays with `shardings`;
+    each process places only its own shards, so no cross-host transfer is needed."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree, shardings)

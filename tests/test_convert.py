@@ -154,3 +154,20 @@ def test_gcs_paths_both_ways(tmp_path, gcs_emulator):
     want, _ = conv.load_params(str(src))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(back)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoint_saved_on_data8_restores_on_fsdp4_tensor2_with_equal_logits(tmp_path):
+    from r1zero_jax.models.qwen2 import QwenConfig, init_model
+
+    cfg = QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                     num_heads=4, num_kv_heads=2)
+    saved_model = init_model(cfg, make_mesh("data=8"), seed=5)
+    conv.save_params(str(tmp_path / "ckpt"), conv.model_params(saved_model), cfg)
+    restored, _, _ = conv.load_model(str(tmp_path / "ckpt"), make_mesh("fsdp=4,tensor=2"))
+    assert restored.layers[0].attn.q_kernel[...].sharding.spec == jax.sharding.PartitionSpec(
+        "fsdp", "tensor", None)
+    tokens, mask = left_padded_batch(64, [6, 4, 6, 2, 5, 6, 1, 3])
+    pos = positions_from_mask(jnp.asarray(mask))
+    a = saved_model(jnp.asarray(tokens), pos, jnp.asarray(mask))[0]
+    b = restored(jnp.asarray(tokens), pos, jnp.asarray(mask))[0]
+    np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], atol=1e-6)

@@ -131,14 +131,13 @@ def plot_curves(history: list[dict], path: str, title: str = "",
                 eval_before: float | None = None) -> None:
     """PNG: reward and greedy eval accuracy (left; `eval_before` at step 0), response length of
     correct / incorrect responses (right) per step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global backend switch (notebooks keep showing their plots).
+    from matplotlib.figure import Figure
 
     steps = [r["step"] for r in history]
     col = lambda k: [r.get(k, float("nan")) for r in history]  # noqa: E731
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(steps, col("reward_mean"), label="reward (train samples)")
     ev = [(0, eval_before)] if eval_before is not None else []
     ev += [(r["step"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
@@ -160,4 +159,3 @@ def plot_curves(history: list[dict], path: str, title: str = "",
     fig.tight_layout()
     with paths.open_file(path, "wb") as f:
         fig.savefig(f, dpi=100, format="png")
-    plt.close(fig)

@@ -89,15 +89,6 @@ def build_model(cfg: RunConfig, mesh, tokenizer=None):
     return qc, params_of(model), tokenizer
 
 
-def _to_host(x):
-    # The sampler already returns host numpy; only a global array spanning hosts needs gathering.
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def sampling_params(cfg: RunConfig, tokenizer, *, n: int, greedy: bool = False,
                     max_new_tokens: int | None = None):
     from r1zero_jax.sampling.sampler import SamplingParams
@@ -130,7 +121,7 @@ def evaluate(model, rows: list[dict], tokenizer, cfg: RunConfig, mesh, pool) -> 
         padded = idx + [idx[-1]] * (e.batch_size - len(idx))
         rb = ro.generate(model, [prompts[i] for i in padded], [rows[i]["answer"] for i in padded],
                          params=sampling, tokenizer=tokenizer, mesh=mesh, seed=0,
-                         max_prompt_tokens=cfg.data.max_prompt_tokens, to_host=_to_host)
+                         max_prompt_tokens=cfg.data.max_prompt_tokens, to_host=shd.to_host)
         ro.grade(rb, template, pool)
         k = len(idx)
         correct += list(rb.rewards[:k] > 0)
@@ -221,7 +212,7 @@ class Trainer:
 
     def _logprobs(self, fn, params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         mb = self.cfg.microbatch
-        out = [_to_host(fn(params, shd.shard_batch(self.mesh, tokens[s:s + mb]),
+        out = [shd.to_host(fn(params, shd.shard_batch(self.mesh, tokens[s:s + mb]),
                            shd.shard_batch(self.mesh, mask[s:s + mb])))
                for s in range(0, len(tokens), mb)]
         return np.concatenate(out)
@@ -366,7 +357,7 @@ class Trainer:
                          params=sampling_params(c, self.tokenizer, n=G), tokenizer=self.tokenizer,
                          mesh=self.mesh, seed=jax.random.fold_in(key, step),
                          prompts_per_call=c.sampling.prompts_per_call,
-                         max_prompt_tokens=c.data.max_prompt_tokens, to_host=_to_host)
+                         max_prompt_tokens=c.data.max_prompt_tokens, to_host=shd.to_host)
         t1 = time.perf_counter()
         ro.grade(rb, c.data.template, pool)
         t2 = time.perf_counter()

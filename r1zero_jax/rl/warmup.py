@@ -33,8 +33,10 @@ def warmup(params: dict, bind, task: SyntheticTask, tokenizer: SyntheticTokenize
     tiny, and on a CPU host a many-device mesh's collectives would cost more than the maths.
     """
     shardings = jax.tree.map(lambda x: x.sharding, params)
-    mesh = shd.make_mesh("data=1", devices=[mesh.devices.flat[0]])
-    params = jax.device_put(params, shd.replicated(mesh))
+    # Every process warms up the same copy on its own first device (deterministic), so a
+    # multi-host run needs no cross-host transfer.
+    mesh = shd.make_mesh("data=1", devices=jax.local_devices()[:1])
+    params = jax.device_put(shd.to_host(params), shd.replicated(mesh))
 
     def loss_fn(p, tokens, loss_mask):
         mask = jnp.ones_like(tokens, bool)  # right padding sits after EOS; it is never a target
@@ -72,4 +74,4 @@ def warmup(params: dict, bind, task: SyntheticTask, tokenizer: SyntheticTokenize
                 el = time.perf_counter() - t0
                 printer(f"warm-up {name} {i + 1}/{steps} | loss {float(loss):.3f} | "
                         f"{done / el:.1f} steps/s ETA {el / done * (total - done):.0f}s", flush=True)
-    return jax.device_put(params, shardings)
+    return shd.from_host(shd.to_host(params), shardings)
