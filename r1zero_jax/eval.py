@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from r1zero_jax import jsonl
 from r1zero_jax.analysis import length_by_correctness, self_reflection
 from r1zero_jax.data.builders import (BENCHMARKS, find_local_file, load_split, read_jsonl_rows,
                                      validate_row)
@@ -378,25 +379,18 @@ def read_responses(path: str, benchmarks: Iterable[str] | None = None
     needing `benchmark`, `response` and `answer`; rows without `index` count as one problem
     each. `benchmarks` keeps only those (all must be present)."""
     by_name: dict[str, list[dict]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
-            missing = [k for k in REQUIRED_FIELDS if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise ValueError(f"{path}:{line_no}: a row needs {missing}")
-            if not isinstance(row["response"], str):
-                raise ValueError(f"{path}:{line_no}: `response` is not a string")
-            why = validate_row({"problem": "-", "answer": row["answer"]})
-            if why is not None:
-                raise ValueError(f"{path}:{line_no}: {why}")
-            records = by_name.setdefault(str(row["benchmark"]), [])
-            row.setdefault("index", f"row{line_no}")
-            records.append(row)
+    for line_no, row in jsonl.read_objects(path):
+        missing = [k for k in REQUIRED_FIELDS if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{line_no}: a row needs {missing}")
+        if not isinstance(row["response"], str):
+            raise ValueError(f"{path}:{line_no}: `response` is not a string")
+        why = validate_row({"problem": "-", "answer": row["answer"]})
+        if why is not None:
+            raise ValueError(f"{path}:{line_no}: {why}")
+        records = by_name.setdefault(str(row["benchmark"]), [])
+        row.setdefault("index", f"row{line_no}")
+        records.append(row)
     if not by_name:
         raise ValueError(f"{path}: no generations")
     if benchmarks is not None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import r1zero_jax
+from r1zero_jax import jsonl
 from r1zero_jax.rewards.extract import extract_answer
 from r1zero_jax.rewards.normalize import quick_verdict
 from r1zero_jax.rewards.templates import check_template
@@ -231,18 +232,11 @@ def compute_rewards(responses: Sequence[str], answers: Sequence, template: str =
 
 def _read_rows(path: str) -> list[dict]:
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(row, dict) or "response" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{n}: a row needs `response` and `answer`")
-            check_template(row.get("template", "qwen_math"))
-            rows.append(row)
+    for n, row in jsonl.read_objects(path):
+        if "response" not in row or "answer" not in row:
+            raise ValueError(f"{path}:{n}: a row needs `response` and `answer`")
+        check_template(row.get("template", "qwen_math"))
+        rows.append(row)
     return rows
 
 

@@ -46,12 +46,9 @@ def load_rows(source: str, data_dir: str = "", *, split: str = "train", size: in
 
         return SyntheticTask().rows(split, size or None, seed)
     if source.startswith("jsonl:"):
-        path = source[len("jsonl:"):]
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        bad = [i for i, r in enumerate(rows) if "problem" not in r or "answer" not in r]
-        if bad:
-            raise ValueError(f"{path}: rows {bad[:5]} lack `problem` or `answer`")
+        from r1zero_jax.data.builders import read_jsonl_rows
+
+        rows = read_jsonl_rows(source[len("jsonl:"):])  # bad rows skipped and counted
     else:
         from r1zero_jax.data.builders import load_split
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from r1zero_jax import jsonl
 from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template, check_template
 
 CHUNK_PROMPTS = 64  # prompts per sample() call: one compiled shape, bounded memory
@@ -21,24 +22,13 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None, template: 
     if not prompts_file:
         raise ValueError("give --prompt TEXT or --prompts-file JSONL")
     out = []
-    try:
-        f = open(prompts_file)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"prompts file {prompts_file} does not exist") from None
-    with f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{prompts_file}:{i}: not valid JSON ({e})") from None
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                out.append(row["prompt"])
-            elif isinstance(row, dict) and isinstance(row.get("problem"), str):
-                out.append(apply_template(template, row["problem"]))
-            else:
-                raise ValueError(f"{prompts_file}:{i}: a row needs a string `prompt` or `problem`")
+    for i, row in jsonl.read_objects(prompts_file):
+        if isinstance(row.get("prompt"), str):
+            out.append(row["prompt"])
+        elif isinstance(row.get("problem"), str):
+            out.append(apply_template(template, row["problem"]))
+        else:
+            raise ValueError(f"{prompts_file}:{i}: a row needs a string `prompt` or `problem`")
     if not out:
         raise ValueError(f"{prompts_file} holds no prompts")
     return out
