@@ -143,7 +143,6 @@ def test_cli_run_files_and_resume(tmp_path, capsys):
     assert summary["steps"] == 3
 
 
-@pytest.mark.slow
 def test_main_job_learns(tmp_path):
     """The README's main job as configured: held-out accuracy rises by at least 30 points."""
     from r1zero_jax.rl.launch import train_cli
