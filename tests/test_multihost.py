@@ -82,6 +82,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_all(procs, timeout):
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+
+
 def test_two_processes_match_one_process(tmp_path):
     port, out = _free_port(), str(tmp_path / "res")
     env = {k: v for k, v in os.environ.items() if not k.startswith("R1ZERO_")}
@@ -89,16 +102,7 @@ def test_two_processes_match_one_process(tmp_path):
     procs = [subprocess.Popen([sys.executable, __file__, "worker", str(port), str(i), out],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"worker {i} failed:\n{logs[i][-4000:]}"
+    _wait_all(procs, WORKER_TIMEOUT_S)
 
     import jax
 
@@ -123,19 +127,6 @@ def _train(workdir, *extra, env):
     return subprocess.Popen([sys.executable, "-m", "r1zero_jax.cli", *SMOKE_ARGS, "--workdir",
                              str(workdir), *extra], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_all(procs, timeout):
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
 
 
 def _metrics(workdir):

@@ -59,8 +59,8 @@ def _pad_to(x: np.ndarray, width: int, value) -> np.ndarray:
 
 
 def generate(model, prompt_tokens: Sequence[Sequence[int]], answers: Sequence[Any], *, params,
-             tokenizer, mesh, seed, prompts_per_call: int = 0, max_prompt_tokens: int,
-             to_host=np.asarray) -> RolloutBatch:
+             tokenizer, mesh, seed, prompts_per_call: int = 0,
+             max_prompt_tokens: int) -> RolloutBatch:
     """Sample `params.n` responses per prompt (`params` is the sampler's SamplingParams), reading
     the model's arrays in place; answers repeat per sample."""
     import jax
@@ -76,12 +76,11 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], answers: Sequence[An
         key = jax.random.fold_in(seed, c) if not isinstance(seed, int) else seed + c
         out = sample(model, ptok[sl], pmask[sl], params, seed=key, mesh=mesh, tokenizer=tokenizer)
         parts.append(out)
-    tokens = np.concatenate([_pad_to(np.asarray(to_host(p.tokens)), width, tokenizer.pad_token_id)
-                             for p in parts])
-    mask = np.concatenate([_pad_to(np.asarray(to_host(p.mask)), width, False) for p in parts])
-    logp = np.concatenate([_pad_to(np.asarray(to_host(p.logprobs), np.float32), width, 0.0)
-                           for p in parts])
-    lengths = np.concatenate([np.asarray(to_host(p.lengths)) for p in parts]).astype(np.int32)
+    # Rollout fields are host arrays already (the sampler gathers them on every process).
+    tokens = np.concatenate([_pad_to(p.tokens, width, tokenizer.pad_token_id) for p in parts])
+    mask = np.concatenate([_pad_to(p.mask, width, False) for p in parts])
+    logp = np.concatenate([_pad_to(p.logprobs.astype(np.float32), width, 0.0) for p in parts])
+    lengths = np.concatenate([p.lengths for p in parts]).astype(np.int32)
     finish = np.concatenate([np.asarray(p.finish_reason) for p in parts])
     # The sampler's texts are cut right after a stop string (the r1 template's </answer>).
     texts = [t for p in parts for t in p.texts]

@@ -118,7 +118,7 @@ def evaluate(model, rows: list[dict], tokenizer, cfg: RunConfig, mesh, pool) -> 
         padded = idx + [idx[-1]] * (e.batch_size - len(idx))
         rb = ro.generate(model, [prompts[i] for i in padded], [rows[i]["answer"] for i in padded],
                          params=sampling, tokenizer=tokenizer, mesh=mesh, seed=0,
-                         max_prompt_tokens=cfg.data.max_prompt_tokens, to_host=shd.to_host)
+                         max_prompt_tokens=cfg.data.max_prompt_tokens)
         ro.grade(rb, template, pool)
         k = len(idx)
         correct += list(rb.rewards[:k] > 0)
@@ -354,7 +354,7 @@ class Trainer:
                          params=sampling_params(c, self.tokenizer, n=G), tokenizer=self.tokenizer,
                          mesh=self.mesh, seed=jax.random.fold_in(key, step),
                          prompts_per_call=c.sampling.prompts_per_call,
-                         max_prompt_tokens=c.data.max_prompt_tokens, to_host=shd.to_host)
+                         max_prompt_tokens=c.data.max_prompt_tokens)
         t1 = time.perf_counter()
         ro.grade(rb, c.data.template, pool)
         t2 = time.perf_counter()

@@ -264,14 +264,6 @@ def _check_prompts(tokens: np.ndarray, mask: np.ndarray, vocab_size: int) -> Non
                          f"[{real.min()}, {real.max()}]")
 
 
-def _fetch(x) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
            tokenizer=None, return_logits: bool = False) -> Rollout:
     """Sample `params.n` completions for each left-padded prompt.
@@ -335,14 +327,14 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
                "decode_steps": int(loop.step) - 1}  # with compilation on a first call
 
     r = b * params.n
-    out_tokens = _fetch(loop.tokens)[:r]
-    lengths = _fetch(loop.lengths)[:r]
-    stopped = _fetch(loop.stopped)[:r]
+    out_tokens = shd.to_host(loop.tokens)[:r]
+    lengths = shd.to_host(loop.lengths)[:r]
+    stopped = shd.to_host(loop.stopped)[:r]
     rollout = Rollout(
-        tokens=out_tokens, logprobs=_fetch(loop.logprobs)[:r],
+        tokens=out_tokens, logprobs=shd.to_host(loop.logprobs)[:r],
         mask=np.arange(params.max_new_tokens)[None, :] < lengths[:, None], lengths=lengths,
         finish_reason=np.where(stopped, "stop", "length"), prefill_batch=bp,
-        logits=_fetch(loop.logits)[:r] if return_logits else None, timings=timings)
+        logits=shd.to_host(loop.logits)[:r] if return_logits else None, timings=timings)
     if tokenizer is not None:
         rollout.texts = decode_texts(tokenizer, rollout, stop_strs)
     return rollout
