@@ -10,7 +10,7 @@ import torch
 
 from r1zero_jax.convert.hf import load_model
 from r1zero_jax.models.qwen2 import Qwen2
-from r1zero_jax.sampling import filters, stop_strings
+from r1zero_jax.sampling import categorical, filters, stop_strings
 from r1zero_jax.sampling.sampler import SamplingParams, _choose, _Plan, sample
 from r1zero_jax.sharding import make_mesh
 
@@ -327,3 +327,33 @@ def test_bad_input_is_refused(hf_dir, mesh1):
                dict(max_new_tokens=1, n=0)):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
+
+
+def test_draw_matches_weights_across_blocks():
+    # 700 tokens span three blocks; weights of 0 (whole blocks and single tokens) are never drawn
+    rs = np.random.RandomState(0)
+    w = np.zeros(700, np.float32)
+    live = np.concatenate([rs.choice(256, 5, replace=False), [511, 512, 699]])
+    w[live] = rs.uniform(0.5, 2.0, len(live))
+    rows = 40000
+    u = 1.0 - jax.random.uniform(jax.random.key(1), (rows,))
+    got = np.bincount(np.asarray(categorical.draw(jnp.broadcast_to(w, (rows, 700)), u)),
+                      minlength=700) / rows
+    want = w / w.sum()
+    assert (got[w == 0] == 0).all()
+    assert np.abs(got - want).max() < 4.5 * np.sqrt(want * (1 - want) / rows).max(), (got, want)
+
+
+def test_draw_edges_and_rounding():
+    w = jnp.asarray([[0.0, 1.0, 0.0, 3.0], [0.0, 0.0, 2.0, 0.0], [1.0, 0.0, 0.0, 1.0]])
+    # u = 1 picks the last positive token; u just above 0 the first one
+    np.testing.assert_array_equal(categorical.draw(w, jnp.ones(3)), [3, 2, 3])
+    np.testing.assert_array_equal(categorical.draw(w, jnp.full(3, 1e-7)), [1, 2, 0])
+    # a target past every cumulative sum (rounding) still lands on a positive token
+    big = jnp.asarray([[1.0, 1e-8, 0.0]])
+    assert int(categorical.draw(big, jnp.ones(1) * (1 + 1e-6))[0]) in (0, 1)
+    # a real vocabulary: one uniform per row, the token follows the cumulative weights
+    v = 151_936
+    wv = jnp.zeros((2, v)).at[0, 100_000].set(1.0).at[1, 7].set(1.0).at[1, v - 1].set(1.0)
+    np.testing.assert_array_equal(categorical.draw(wv, jnp.asarray([0.3, 0.4])), [100_000, 7])
+    np.testing.assert_array_equal(categorical.draw(wv, jnp.asarray([0.9, 0.6])), [100_000, v - 1])

@@ -8,6 +8,7 @@ H head dim, F mlp, V vocab, L layers. Every parameter carries `logical` axis nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -169,11 +170,12 @@ PRESETS = {
 # -- KV cache ----------------------------------------------------------------------------------
 @flax.struct.dataclass
 class KVCache:
-    """k, v: one [B, K, S, H] array per layer; valid: [B, S] slots holding a real (non-pad)
-    token; index: next slot.
+    """k: one [B, K, H, S] array per layer (slots last); v: one [B, K, S, H] per layer;
+    valid: [B, S] slots holding a real (non-pad) token; index: next slot.
 
-    Per-layer arrays, kv heads before slots: each decode step updates a layer's cache in place
-    and attention reads it without a transpose or a copy.
+    Per-layer arrays, so each decode step updates a layer in place with no copy. The two layouts
+    are the ones the decode step reads fastest: scores contract H against keys whose slots are
+    contiguous, and values are read row by row (3x the speed of [B, K, S, H] keys on XLA:CPU).
     """
 
     k: tuple[jax.Array, ...]
@@ -181,19 +183,30 @@ class KVCache:
     valid: jax.Array
     index: jax.Array
 
-    LAYER_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
+    K_AXES = ("batch", "kv_heads", "head_dim", "cache_length")
+    V_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 
     @classmethod
     def init(cls, config: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(k=k, v=v, valid=jnp.zeros((batch, max_len), bool),
-                   index=jnp.zeros((), jnp.int32))
+        k, h = config.num_kv_heads, config.head_dim
+        return cls(k=tuple(jnp.zeros((batch, k, h, max_len), dtype) for _ in range(config.num_layers)),
+                   v=tuple(jnp.zeros((batch, k, max_len, h), dtype) for _ in range(config.num_layers)),
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    def extend(self, repeats: int, slots: int) -> "KVCache":
+        """Each row repeated `repeats` times (row b*repeats+j is copy j of row b), with `slots`
+        empty slots appended."""
+        rows = self.valid.shape[0] * repeats
+        rep = functools.partial(jnp.repeat, repeats=repeats, axis=0, total_repeat_length=rows)
+        pad = lambda x, axis: jnp.pad(rep(x), [(0, slots if a == axis else 0)  # noqa: E731
+                                               for a in range(x.ndim)])
+        return KVCache(k=tuple(pad(x, 3) for x in self.k), v=tuple(pad(x, 2) for x in self.v),
+                       valid=pad(self.valid, 1), index=self.index)
 
     def logical_axes(self) -> "KVCache":
-        kv = tuple(KVCache.LAYER_AXES for _ in self.k)
-        return KVCache(k=kv, v=kv, valid=("batch", "cache_length"), index=())
+        return KVCache(k=tuple(KVCache.K_AXES for _ in self.k),
+                       v=tuple(KVCache.V_AXES for _ in self.v), valid=("batch", "cache_length"),
+                       index=())
 
     def shardings(self, mesh: Mesh) -> "KVCache":
         return jax.tree.map(lambda axes: shd.logical_sharding(mesh, axes), self.logical_axes(),
@@ -256,22 +269,27 @@ class Attention(nnx.Module):
         k = jnp.einsum("BTD,DKH->BTKH", x, p(self.k_kernel)) + p(self.k_bias)
         v = jnp.einsum("BTD,DKH->BTKH", x, p(self.v_kernel)) + p(self.v_bias)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        keys = "BSKH"
+        k_spec = v_spec = "BSKH"
         if kv is not None:
             cache_k, cache_v = kv
-            write = lambda c, new: jax.lax.dynamic_update_slice(  # noqa: E731
-                c, new.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, index, 0))
-            k, v = kv = write(cache_k, k), write(cache_v, v)
-            keys = "BKSH"
+            k = jax.lax.dynamic_update_slice(
+                cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), (0, 0, 0, index))
+            v = jax.lax.dynamic_update_slice(
+                cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, index, 0))
+            kv, k_spec, v_spec = (k, v), "BKHS", "BKSH"
         b, t = x.shape[:2]
         g = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
-        scores = jnp.einsum(f"BTKGH,{keys}->BKGTS", q, k.astype(dt),
-                            preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
         allowed = key_valid[:, None, None, None, :] & (
             key_slot[None, :] <= query_slot[:, None])[None, None, None]
+        # Decode (one query per row) drops the T axis: XLA:CPU then reads the cache at twice
+        # the speed.
+        qs, ss = ("BKGH", "BKGS") if t == 1 else ("BTKGH", "BKGTS")
+        q, allowed = (q[:, 0], allowed[:, :, :, 0]) if t == 1 else (q, allowed)
+        scores = jnp.einsum(f"{qs},{k_spec}->{ss}", q, k.astype(dt),
+                            preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
         probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG_INF), axis=-1).astype(dt)
-        out = jnp.einsum(f"BKGTS,{keys}->BTKGH", probs, v.astype(dt))
+        out = jnp.einsum(f"{ss},{v_spec}->{qs}", probs, v.astype(dt))
         out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
         return jnp.einsum("BTNH,NHD->BTD", out, p(self.o_kernel)), kv
 

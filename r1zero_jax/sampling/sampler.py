@@ -10,8 +10,9 @@ M = max_new_tokens, S = Tp + M cache slots, V vocab.
   state (KV cache, output buffers) is donated from prefill to decode.
 - Batch rows are sharded over (data, fsdp) and the cache's kv heads over tensor; a prompt batch
   that does not divide the batch shards is padded with dummy rows, dropped on return.
-- Randomness: the token of row r at step i uses key fold_in(fold_in(key(seed), i), r), so a
-  row's sample does not depend on the batch size, the padding or the mesh.
+- Randomness: the token of row r at step i is drawn by inverse CDF (categorical.py) from one
+  uniform number under key fold_in(fold_in(key(seed), i), r), so a row's sample does not depend
+  on the batch size, the padding or the mesh.
 - Log-probs: `logprobs[r, i]` = log_softmax(logits / temperature)[token], the temperature-scaled
   distribution BEFORE top-k/top-p filtering (what a learner computing log pi(a|s) from logits /
   temperature reproduces; at temperature 1 it is the model's own log-prob). Greedy (temperature
@@ -38,7 +39,7 @@ from jax.sharding import Mesh
 
 from r1zero_jax import sharding as shd
 from r1zero_jax.models.qwen2 import KVCache, positions_from_mask
-from r1zero_jax.sampling import filters
+from r1zero_jax.sampling import categorical, filters
 from r1zero_jax.sampling import stop_strings as stops
 
 PROMPT_LEN_MULTIPLE = 16  # prompt lengths are left-padded to a multiple of this: fewer compiles
@@ -143,7 +144,9 @@ def _choose(logits, key, step, temperature, top_p, plan: _Plan):
         step_key = jax.random.fold_in(key, step)
         rows = jnp.arange(logits.shape[0], dtype=jnp.uint32)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows)
-        token = jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
+        u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]
+        weights = jnp.exp(kept - jnp.max(kept, axis=-1, keepdims=True))  # removed tokens: 0
+        token = categorical.draw(weights, u)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
@@ -197,11 +200,8 @@ def _prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, gr
     h0 = jnp.zeros((b, model.config.hidden_size), model.dtype)
     cache, h = jax.lax.fori_loop(0, tp // chunk, prefill_chunk, (cache, h0))
     logits = model.logits(h[:, None])[:, 0]  # left padding: the last column is real in every row
+    cache = _constrain_cache(cache.extend(n, m), mesh)
     rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=b * n)
-    grow = lambda x: jnp.pad(rep(x, axis=0), ((0, 0), (0, 0), (0, m), (0, 0)))  # noqa: E731
-    cache = _constrain_cache(KVCache(
-        k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
-        valid=jnp.pad(rep(cache.valid, axis=0), ((0, 0), (0, m))), index=cache.index), mesh)
     r = b * n
     batch = lambda x: _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
     loop = _Loop(
