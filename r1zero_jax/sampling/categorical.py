@@ -11,7 +11,6 @@ entries of positive mass, so a token with weight 0 (removed by top-k / top-p) is
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 BLOCK = 256

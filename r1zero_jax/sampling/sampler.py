@@ -146,7 +146,9 @@ def _choose(logits, key, step, temperature, top_p, plan: _Plan):
         keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows)
         u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]
         weights = jnp.exp(kept - jnp.max(kept, axis=-1, keepdims=True))  # removed tokens: 0
-        token = categorical.draw(weights, u)
+        # the draw cuts the vocabulary into blocks that need not match its tensor shards: gather
+        # each row's weights (R/batch-shards rows per device) rather than let XLA reshard
+        token = categorical.draw(_constrain(weights, plan.mesh, ("batch", None)), u)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
