@@ -261,8 +261,8 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, key_valid, key_slot, query_slot, kv=None, index=None):
         """x [B,T,D]; key_valid [B,S]; key_slot [S]; query_slot [T].
 
-        Without a cache S == T. With a cache (kv = (k [B,K,S,H], v) of this layer), the new keys
-        are written at slots index..index+T-1 and the updated (k, v) are returned.
+        Without a cache S == T. With a cache (kv = (k [B,K,H,S], v [B,K,S,H]) of this layer),
+        the new keys are written at slots index..index+T-1 and the updated (k, v) are returned.
         """
         cfg, dt = self.cfg, self.dtype
         p = lambda v: v[...].astype(dt)  # noqa: E731
