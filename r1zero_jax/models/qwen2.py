@@ -189,9 +189,9 @@ class KVCache:
 
     @classmethod
     def init(cls, config: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        k, h = config.num_kv_heads, config.head_dim
-        return cls(k=tuple(jnp.zeros((batch, k, h, max_len), dtype) for _ in range(config.num_layers)),
-                   v=tuple(jnp.zeros((batch, k, max_len, h), dtype) for _ in range(config.num_layers)),
+        k, h, layers = config.num_kv_heads, config.head_dim, range(config.num_layers)
+        return cls(k=tuple(jnp.zeros((batch, k, h, max_len), dtype) for _ in layers),
+                   v=tuple(jnp.zeros((batch, k, max_len, h), dtype) for _ in layers),
                    valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
     def extend(self, repeats: int, slots: int) -> "KVCache":
