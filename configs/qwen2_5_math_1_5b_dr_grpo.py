@@ -4,9 +4,13 @@ MATH levels 3-5, qwen_math template, 128 prompts x 8 samples per rollout, 128 se
 optimizer step (8 steps per rollout), temperature 1, 3,000 new tokens, lr 1e-6 constant,
 betas (0.9, 0.95), global-norm clip 1.0, no KL (beta = 0, so no reference model).
 
-Mesh: 16 chips = data 4 x fsdp 4. Per-device batch: microbatch 32 / (data 4 x fsdp 4) = 2
-sequences of up to ~3.5k tokens, with 4 accumulation steps per optimizer step. Other slices:
-v5p-32 (16 chips) as is; v4-64 / v5p-64: data=8,fsdp=4 (per-device 1 with microbatch 32).
+Mesh: 16 chips = data 4 x fsdp 4. Per-device batch: microbatch 16 / (data 4 x fsdp 4) = 1
+sequence of up to ~3.5k tokens, with 8 accumulation steps per optimizer step. Compiled for the
+slice (`r1zero-jax plan ... --compile`), microbatch 32 peaks at 14.9 GiB per chip in the learner:
+fine on a v4-32 (32 GiB) but over 90% of a v5e-16's 16 GiB, so the recipe uses 16, which fits both
+(BENCHMARKS.md, "Compiled for TPU"); on a v4-32 alone, --set train.microbatch_size=32 halves the
+weight gathers per optimizer step. Other slices: v5p-32 (16 chips) as is; v4-64 / v5p-64:
+data=8,fsdp=4.
 """
 
 from r1zero_jax.config import (CheckpointConfig, DataConfig, EvalConfig, MeshConfig, ModelConfig,
@@ -25,7 +29,7 @@ def config() -> RunConfig:
                     clip_high=0.2, kl_beta=0.0),
         optim=OptimConfig(learning_rate=1e-6, b1=0.9, b2=0.95, weight_decay=0.0, clip_norm=1.0,
                           warmup_steps=0),
-        train=TrainConfig(steps=200, minibatch_size=128, microbatch_size=32, logits_chunk=512),
+        train=TrainConfig(steps=200, minibatch_size=128, microbatch_size=16, logits_chunk=512),
         eval=EvalConfig(source="math500", every=25, max_new_tokens=3000, batch_size=128),
         checkpoint=CheckpointConfig(every=10, keep_last=2, keep_every=50, async_save=True),
     )

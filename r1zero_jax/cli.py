@@ -130,17 +130,21 @@ def _add_eval(sub):
 
 
 def _add_plan(sub):
-    p = sub.add_parser("plan", help="per-chip memory plan of a config, without compiling "
-                                    "(exit status 1 when it does not fit)")
+    p = sub.add_parser("plan", help="per-chip memory plan of a config, analytic or compiled for "
+                                    "a TPU topology (exit status 1 when it does not fit)")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--topology", default=None, help="e.g. v4-64, v5p-128, v5e-256")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the learner step, prefill and decode loop for the topology with "
+                        "libtpu and report XLA's per-chip memory and collectives (needs libtpu)")
 
     def run(a):
         from r1zero_jax.plan import plan_cli
 
-        return plan_cli(a.config, overrides=a.overrides, topology=a.topology, as_json=a.json)
+        return plan_cli(a.config, overrides=a.overrides, topology=a.topology, as_json=a.json,
+                        compile=a.compile)
 
     p.set_defaults(func=run)
 

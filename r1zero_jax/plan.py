@@ -7,11 +7,16 @@ Counts, per device, what lives in HBM during the two phases of an RL step and ta
             activations of one microbatch over prompt + max_new_tokens positions (naive
             attention keeps float32 scores [N, T, T]); with remat only each layer's input stays
             and one layer is recomputed at a time
-  sample    the KV cache [L, B, S, K, H] of one sampler call (prompts_per_call x group_size
-            sequences, S = prompt + max_new_tokens) in the compute dtype, the decode logits, and
-            one layer's all-gathered weights
+            plus the LM head gathered over fsdp in the compute dtype and its float32 gradient,
+            which XLA materialises whole (vocab-sharded over tensor only)
+  sample    the sampler's copy of the weights in the compute dtype, the KV cache [L, B, S, K, H]
+            of one sampler call (prompts_per_call x group_size sequences, S = prompt +
+            max_new_tokens) in the compute dtype, the decode logits, and one layer's
+            all-gathered weights (prefill)
 Estimates, not XLA's numbers: a plan "fits" when the peak stays under FIT_FRACTION of HBM, leaving
-room for XLA's scratch buffers and fragmentation.
+room for XLA's scratch buffers and fragmentation. `plan --compile` (compiled.py) replaces them
+with XLA's own figures for the real programs; on the paper's recipes the learn phase estimate is
+within about 10% of the compiled peak (BENCHMARKS.md).
 
 Accelerator names: v4-N and v5p-N count TensorCores (2 per chip), so v4-64 is 32 chips and
 v5p-128 is 64 chips; v5litepod-N (alias v5e-N) and v6e-N count chips (one TensorCore each), so
@@ -173,8 +178,9 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
     if not w.logits_chunk or w.logits_chunk >= w.response_len:
         logits += b * w.response_len * vt * 4  # unchunked: logits stay alive for the backward
     hidden = b * t * D * cb * 2  # final hidden states and their gradient
-    act_full = L * layer_act + logits + hidden
-    act_remat = L * b * t * D * cb + layer_act + logits + hidden
+    head = V / tensor * D * (cb + 4)  # the gathered LM head and its whole float32 gradient
+    act_full = L * layer_act + logits + hidden + head
+    act_remat = L * b * t * D * cb + layer_act + logits + hidden + head
     activations = act_remat if w.remat else act_full
 
     bs = w.sample_batch / batch_shards
@@ -183,7 +189,8 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
 
     # The optimizer update runs after the last microbatch: gradients plus an `updates` tree.
     learn = max(gradients + gathered + activations, gradients + elems * pb)
-    sample = kv_cache + sample_logits + gathered
+    serving = elems * cb  # sampler.serving_state: the weights in the compute dtype
+    sample = serving + kv_cache + sample_logits + gathered
     resident = params + optimizer + reference
     peak = resident + max(learn, sample)
     per_device = {
@@ -191,6 +198,7 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
         "gradients": gradients, "gathered_weights": gathered, "activations": activations,
         "activations_no_remat": act_full, "activations_remat": act_remat,
         "logits": logits, "kv_cache": kv_cache, "sample_logits": sample_logits,
+        "serving_weights": serving,
         "learn_phase": resident + learn, "sample_phase": resident + sample, "peak": peak,
     }
     per_device = {k: int(round(v)) for k, v in per_device.items()}
@@ -337,8 +345,9 @@ def format_plan(p: dict) -> str:
         lines.append(f"  note: {p['note']}")
     lines.append("  per device:")
     for k in ("params", "optimizer", "reference_params", "gradients", "gathered_weights",
-              "activations", "activations_no_remat", "activations_remat", "logits", "kv_cache",
-              "sample_logits", "learn_phase", "sample_phase", "peak"):
+              "activations", "activations_no_remat", "activations_remat", "logits",
+              "serving_weights", "kv_cache", "sample_logits", "learn_phase", "sample_phase",
+              "peak"):
         lines.append(f"    {k:<22}{_gib(d[k]):>12}")
     tb = p["token_budget"]
     lines.append(f"  tokens: {tb['train_tokens_per_device_microbatch']:,} per device per "
@@ -352,11 +361,106 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("jax", "libtpu"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def compile_plan(cfg, topology: str | None = None, printer=print) -> dict[str, Any]:
+    """The run's programs compiled for `topology` (compiled.py): XLA's per-chip figures beside
+    the analytic plan's. Fits when every program's peak (plus the resident training state it
+    does not take as an argument) stays under FIT_FRACTION of HBM."""
+    from r1zero_jax import compiled as comp
+    from r1zero_jax.models.qwen2 import num_params
+    from r1zero_jax.sharding import make_mesh
+
+    analytic = plan_config(cfg, topology)
+    topo = parse_topology(analytic["topology"])
+    if analytic["mesh_problems"]:
+        return {"topology": topo.name, "num_devices": topo.chips, "hbm_bytes": topo.hbm_bytes,
+                "fits": False, "compiled": {}, "analytic": analytic,
+                "advice": [f"mesh: {p}" for p in analytic["mesh_problems"]]}
+    devices = comp.topology_devices(topo)
+    spec = ",".join(f"{k}={v}" for k, v in analytic["mesh"].items())
+    qc = qwen_config_of(cfg)
+    programs = comp.compile_programs(cfg, qc, make_mesh(spec, devices), printer=printer)
+    learn = programs["learn"]
+    # Weight-gathering FSDP moves, per microbatch, the compute-dtype weights three times
+    # (forward, remat forward, backward) and reduce-scatters the float32 gradients once; each
+    # chip holds 1/tensor of every gathered weight.
+    a = cfg.train.minibatch_size // cfg.microbatch
+    ideal = a * num_params(qc) * (3 * _DTYPE_BYTES[cfg.model.dtype]
+                                  + _DTYPE_BYTES[cfg.model.param_dtype]) / analytic["mesh"]["tensor"]
+    learn["fsdp_ideal_bytes_per_step"] = int(ideal)
+    learn["collective_ratio_to_ideal"] = round(learn["collective_bytes_per_step"] / ideal, 3)
+    budget = FIT_FRACTION * topo.hbm_bytes
+    over = {k: v["peak_bytes"] for k, v in programs.items() if v["peak_bytes"] > budget}
+    tips = [f"{k}: peak {_gib(v)} is over {FIT_FRACTION:.0%} of HBM ({_gib(budget)})"
+            for k, v in over.items()]
+    if "learn" in over:
+        tips.append("lower train.microbatch_size, set model.remat=True / train.logits_chunk=512, "
+                    "or raise fsdp in mesh.spec")
+    if over.keys() & {"prefill", "decode"}:
+        tips.append("lower sampling.prompts_per_call (the KV cache of one sampler call)")
+    if over and programs["learn"]["argument_bytes"] > 0.5 * budget:
+        tips.append("params and optimizer state take most of HBM: raise fsdp or use a larger slice")
+    return {"config": cfg.name, "topology": topo.name, "num_devices": topo.chips,
+            "hbm_bytes": topo.hbm_bytes, "mesh": analytic["mesh"], "fits": not over,
+            "compiled": programs, "analytic": analytic, "advice": tips, "versions": _versions()}
+
+
+def format_compiled(p: dict) -> str:
+    mesh = ",".join(f"{k}={v}" for k, v in p["mesh"].items())
+    v = p["versions"]
+    a = p["analytic"]["per_device_bytes"]
+    analytic = {"learn": a["learn_phase"], "prefill": a["sample_phase"], "decode": a["sample_phase"]}
+    lines = [f"{p['config']} compiled for {p['topology']} ({p['num_devices']} chips), mesh {mesh}; "
+             f"jax {v['jax']}, libtpu {v['libtpu']}",
+             f"  {'program':<9}{'peak':>11}{'analytic':>11}{'args':>11}{'temp':>11}"
+             f"{'collectives':>13}{'coll. bytes':>13}{'compile':>9}   (per chip, per step)"]
+    for name, c in p["compiled"].items():
+        lines.append(f"  {name:<9}{_gib(c['peak_bytes']):>11}{_gib(analytic[name]):>11}"
+                     f"{_gib(c['argument_bytes']):>11}{_gib(c['temp_bytes']):>11}"
+                     f"{c['collectives_per_step']:>13,}{_gib(c['collective_bytes_per_step']):>13}"
+                     f"{c['compile_s']:>8.0f}s")
+    learn = p["compiled"].get("learn")
+    if learn:
+        lines.append(f"  learner collectives: {learn['collective_ratio_to_ideal']:.2f}x the FSDP "
+                     f"ideal ({_gib(learn['fsdp_ideal_bytes_per_step'])} per optimizer step)")
+    for name, c in p["compiled"].items():
+        top = ", ".join(f"{x['op']} {x['shape']} x{x['count']}" for x in c["largest_collectives"][:3])
+        lines.append(f"  largest in {name}: {top}")
+    lines.append(f"  HBM {_gib(p['hbm_bytes'])} per chip: "
+                 + ("fits" if p["fits"] else "does NOT fit") + f" (limit {FIT_FRACTION:.0%})")
+    lines += [f"  - {t}" for t in p["advice"]]
+    return "\n".join(lines)
+
+
 def plan_cli(config_path: str, overrides=(), topology: str | None = None,
-             as_json: bool = False) -> int:
+             as_json: bool = False, compile: bool = False) -> int:
+    import sys
+
     from r1zero_jax.config import load_config
 
     cfg = load_config(config_path, list(overrides))
-    p = plan_config(cfg, topology)
-    print(json.dumps(p, indent=2) if as_json else format_plan(p))
+    if not compile:
+        p = plan_config(cfg, topology)
+        print(json.dumps(p, indent=2) if as_json else format_plan(p))
+        return 0 if p["fits"] else 1
+    # Compiling for a topology needs no TPU backend (and on a CPU host probing one is slow).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    progress = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if as_json else print
+    try:
+        p = compile_plan(cfg, topology, printer=progress)
+    except RuntimeError as e:  # libtpu missing
+        print(f"plan --compile: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p, indent=2) if as_json else format_compiled(p))
     return 0 if p["fits"] else 1

@@ -6,6 +6,8 @@ this module alone decides which mesh axis (`data`, `fsdp`, `tensor`) shards each
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Iterable
 
@@ -16,20 +18,44 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # The ONE table. Weights are sharded over fsdp on their embed dimension and over tensor on
-# heads/mlp/vocab (Megatron-style); activations and caches over (data, fsdp) on batch.
+# heads/mlp (Megatron-style); the embedding table and LM head over (tensor, fsdp) on vocab and
+# not on embed, so the decode step's logits come out vocab-sharded with no partial sums to add
+# (an embed-sharded head makes every decode step all-reduce float32 [rows, V]). Activations and
+# caches are sharded over (data, fsdp) on batch: with weights sharded over fsdp too, XLA must
+# all-gather the weights (FSDP) instead of all-reducing activation-sized partial sums.
 LOGICAL_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "length": None,
     "cache_length": None,
-    "vocab": "tensor",
+    "vocab": ("tensor", "fsdp"),
+    "vocab_embed": None,  # the embedding table's D: its vocab dimension takes fsdp already
     "embed": "fsdp",
+    "mlp_embed": "fsdp",  # the MLP weights' embed dimension (see SERVING_RULES)
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
     "layers": None,
+    # activations with many tokens (learner, prefill): batch takes (data, fsdp), so their
+    # features shard over tensor only and the weights come to them
+    "act_embed": None,
+    "act_vocab": "tensor",
+    # a decode step's residual stream and logits: a few rows against whole weights, so the
+    # weights stay put and the rows' features shard like them (embed, vocab over fsdp)
+    "decode_batch": "data",
+    "decode_mlp": ("tensor", "fsdp"),
 }
+
+# The sampler's copy of the weights (sampler.serving_state): the MLP weights shard their hidden
+# dimension over (tensor, fsdp) and keep their embed dimension whole, so a decode step multiplies
+# them where they lie and adds one [rows, D] partial sum per MLP. Sharded over fsdp on embed (the
+# learner's layout) they make every decode step add, then regather, [rows, F] per layer: with
+# Qwen2.5-Math-1.5B on a v4-32, two thirds of the step's collective bytes.
+SERVING_RULES: dict[str, Any] = {**LOGICAL_RULES, "mlp": ("tensor", "fsdp"), "mlp_embed": None}
+
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "activation_mesh", default=None)
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
@@ -94,40 +120,62 @@ def mesh_shape(mesh: Mesh) -> dict[str, int]:
     return {name: int(size) for name, size in mesh.shape.items()}
 
 
-def logical_to_spec(logical_axes: Iterable[str | None]) -> P:
+def logical_to_spec(logical_axes: Iterable[str | None], rules: dict | None = None) -> P:
     """PartitionSpec for an array whose dimensions carry these logical names."""
+    rules = LOGICAL_RULES if rules is None else rules
     out = []
     for name in logical_axes:
-        if name is not None and name not in LOGICAL_RULES:
+        if name is not None and name not in rules:
             raise KeyError(f"logical axis {name!r} is not in LOGICAL_RULES")
-        out.append(None if name is None else LOGICAL_RULES[name])
+        out.append(None if name is None else rules[name])
     return P(*out)
 
 
-def logical_sharding(mesh: Mesh, logical_axes: Iterable[str | None]) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical_axes))
+def logical_sharding(mesh: Mesh, logical_axes: Iterable[str | None],
+                     rules: dict | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None):
+    """Within this block (around tracing), `constrain` pins activations to `mesh`."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x, logical_axes: Iterable[str | None]):
+    """x with the sharding its logical axes name on the activation mesh (no-op without one)."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.devices.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, logical_axes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def axis_size(mesh: Mesh, logical_name: str) -> int:
+def axis_size(mesh: Mesh, logical_name: str, rules: dict | None = None) -> int:
     """How many shards the mesh makes of a dimension with this logical name."""
-    rule = LOGICAL_RULES[logical_name]
+    rule = (LOGICAL_RULES if rules is None else rules)[logical_name]
     if rule is None:
         return 1
     axes = (rule,) if isinstance(rule, str) else rule
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def check_divisible(mesh: Mesh, dims: dict[str, int], what: str) -> None:
+def check_divisible(mesh: Mesh, dims: dict[str, int], what: str,
+                    rules: dict | None = None) -> None:
     """Refuse a mesh that cannot evenly shard the named dimensions, naming the numbers."""
+    rules = LOGICAL_RULES if rules is None else rules
     problems = []
     for name, size in dims.items():
-        shards = axis_size(mesh, name)
+        shards = axis_size(mesh, name, rules)
         if size % shards:
-            problems.append(f"{name}={size} is not divisible by {shards} ({LOGICAL_RULES[name]} axis)")
+            problems.append(f"{name}={size} is not divisible by {shards} ({rules[name]} axis)")
     if problems:
         raise ValueError(f"mesh {mesh_shape(mesh)} does not fit {what}: " + "; ".join(problems))
 

@@ -78,7 +78,7 @@ def test_sharded_forward_equals_single_device(tmp_path_factory, spec):
     assert attn.q_kernel[...].sharding.spec == logical_to_spec(("embed", "heads", "head_dim"))
     assert attn.k_kernel[...].sharding.spec == logical_to_spec(("embed", "kv_heads", "head_dim"))
     assert model.layers[1].mlp.down_kernel[...].sharding.spec == logical_to_spec(("mlp", "embed"))
-    assert model.embed[...].sharding.spec == logical_to_spec(("vocab", "embed"))
+    assert model.embed[...].sharding.spec == logical_to_spec(("vocab", "vocab_embed"))
     assert model.embed[...].sharding.mesh.shape == mesh.shape
     if mesh.shape["tensor"] > 1:  # really split, not replicated
         shard = model.layers[0].mlp.gate_kernel[...].addressable_shards[0].data
@@ -94,7 +94,7 @@ def test_init_model_is_sharded_and_deterministic():
     a = init_model(cfg, mesh, seed=3)
     b = init_model(cfg, make_mesh("data=1", jax.devices()[:1]), seed=3)
     assert a.embed[...].sharding.spec == jax.sharding.PartitionSpec(
-        LOGICAL_RULES["vocab"], LOGICAL_RULES["embed"])
+        LOGICAL_RULES["vocab"], LOGICAL_RULES["vocab_embed"])
     np.testing.assert_array_equal(np.asarray(a.embed[...]), np.asarray(b.embed[...]))
 
 

@@ -62,7 +62,8 @@ def test_7b_on_v4_64_matches_hand_calculation():
 def test_activations_hand_calculation():
     """Qwen2.5-Math-1.5B, one 2048-token sequence per device, bf16: per layer the saved tensors
     (norms/residuals 4D, q k v (N+2K)H, attention out NH, MLP 3F per token) and the naive
-    attention's float32 scores + bf16 probabilities [N, T, T]; remat keeps each layer's input."""
+    attention's float32 scores + bf16 probabilities [N, T, T]; remat keeps each layer's input;
+    the LM head is gathered once and its gradient is whole."""
     cfg = QwenConfig.qwen2_5_math_1_5b()
     mesh = {"data": 4, "fsdp": 4, "tensor": 1}
     w = plan_lib.Workload(train_batch=16, train_len=2048, accumulation_steps=1, sample_batch=16,
@@ -72,8 +73,9 @@ def test_activations_hand_calculation():
     layer = t * 2 * (4 * dm + (12 + 2 * 2) * 128 + 12 * 128 + 3 * 8960) + 12 * t * t * (4 + 2)
     logits = 3 * 256 * 151936 * 4  # one 256-position chunk: logits, softmax, gradient (float32)
     hidden = t * dm * 2 * 2
-    assert d["activations_no_remat"] == 28 * layer + logits + hidden
-    assert d["activations_remat"] == 28 * t * dm * 2 + layer + logits + hidden
+    head = 151936 * dm * (2 + 4)  # the LM head gathered over fsdp (bf16) and its f32 gradient
+    assert d["activations_no_remat"] == 28 * layer + logits + hidden + head
+    assert d["activations_remat"] == 28 * t * dm * 2 + layer + logits + hidden + head
     assert d["activations"] == d["activations_no_remat"]  # remat=False
     assert d["gradients"] == d["params"]  # no accumulation buffer
 

@@ -11,7 +11,7 @@ import torch
 from r1zero_jax.convert.hf import load_model
 from r1zero_jax.models.qwen2 import Qwen2
 from r1zero_jax.sampling import categorical, filters, stop_strings
-from r1zero_jax.sampling.sampler import SamplingParams, _choose, _Plan, sample
+from r1zero_jax.sampling.sampler import SamplingParams, _choose, Plan, sample
 from r1zero_jax.sharding import make_mesh
 
 VOCAB = 128
@@ -267,7 +267,7 @@ def _draws(logits, plan, temperature=1.0, top_p=1.0, rows=20000):
 def test_top_k_top_p_frequencies(mesh1, top_k, top_p, temperature):
     probs = np.array([0.30, 0.20, 0.15, 0.12, 0.10, 0.07, 0.04, 0.02])
     logits = np.log(probs)[np.random.RandomState(1).permutation(8)]
-    plan = _Plan(n=1, max_new_tokens=1, greedy=False, top_k=top_k, use_top_p=top_p < 1,
+    plan = Plan(n=1, max_new_tokens=1, greedy=False, top_k=top_k, use_top_p=top_p < 1,
                  stop_token_ids=(), num_stop_strings=0, mesh=mesh1)
     # the reference filter, written independently: sort, cut, renormalise
     p = np.exp(logits / temperature)
@@ -288,7 +288,7 @@ def test_top_k_top_p_frequencies(mesh1, top_k, top_p, temperature):
 
 
 def test_row_randomness_is_independent_of_batch_size(mesh1):
-    plan = _Plan(n=1, max_new_tokens=1, greedy=False, top_k=0, use_top_p=False,
+    plan = Plan(n=1, max_new_tokens=1, greedy=False, top_k=0, use_top_p=False,
                  stop_token_ids=(), num_stop_strings=0, mesh=mesh1)
     logits = np.zeros(16)
     np.testing.assert_array_equal(_draws(logits, plan, rows=64)[:16],

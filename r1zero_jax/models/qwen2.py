@@ -23,6 +23,16 @@ from r1zero_jax import sharding as shd
 _NEG_INF = -1e30  # finite, so a fully masked (left-pad) query row gives no NaN
 
 
+def _pin(x, axes):
+    """Pin an activation [B, T, ...] to its logical sharding on the activation mesh (if any):
+    axes[0] when T > 1 (learner, prefill), axes[1] for a decode step (T = 1). With many tokens
+    the batch is sharded over (data, fsdp) and XLA gathers each layer's fsdp-sharded weights
+    (FSDP). A decode step's rows are far smaller than the weights, which stay where they are: the
+    residual stream shards its features over fsdp like the weights, and only activations move.
+    """
+    return shd.constrain(x, axes[x.shape[1] == 1])
+
+
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
     vocab_size: int
@@ -167,6 +177,14 @@ PRESETS = {
 }
 
 
+# (T > 1, decode step) logical axes of the activations that `_pin` fixes
+_X_AXES = (("batch", "length", "act_embed"), ("decode_batch", "length", "embed"))
+_Q_AXES = (("batch", "length", "heads", "head_dim"),) * 2
+_KV_AXES = (("batch", "length", "kv_heads", "head_dim"),) * 2
+_MLP_AXES = (("batch", "length", "mlp"), ("decode_batch", "length", "decode_mlp"))
+_LOGIT_AXES = (("batch", "length", "act_vocab"), ("decode_batch", "length", "vocab"))
+
+
 # -- KV cache ----------------------------------------------------------------------------------
 @flax.struct.dataclass
 class KVCache:
@@ -266,9 +284,9 @@ class Attention(nnx.Module):
         """
         cfg, dt = self.cfg, self.dtype
         p = lambda v: v[...].astype(dt)  # noqa: E731
-        q = jnp.einsum("BTD,DNH->BTNH", x, p(self.q_kernel)) + p(self.q_bias)
-        k = jnp.einsum("BTD,DKH->BTKH", x, p(self.k_kernel)) + p(self.k_bias)
-        v = jnp.einsum("BTD,DKH->BTKH", x, p(self.v_kernel)) + p(self.v_bias)
+        q = _pin(jnp.einsum("BTD,DNH->BTNH", x, p(self.q_kernel)) + p(self.q_bias), _Q_AXES)
+        k = _pin(jnp.einsum("BTD,DKH->BTKH", x, p(self.k_kernel)) + p(self.k_bias), _KV_AXES)
+        v = _pin(jnp.einsum("BTD,DKH->BTKH", x, p(self.v_kernel)) + p(self.v_bias), _KV_AXES)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         k_spec = v_spec = "BSKH"
         if kv is not None:
@@ -295,8 +313,8 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG_INF), axis=-1).astype(dt)
         out = jnp.einsum(f"{ss},{v_spec}->{qs}", probs, v.astype(dt))
         out = out if t == 1 else out.transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
-        out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        return jnp.einsum("BTNH,NHD->BTD", out, p(self.o_kernel)), kv
+        out = _pin(out.reshape(b, t, cfg.num_heads, cfg.head_dim), _Q_AXES)
+        return _pin(jnp.einsum("BTNH,NHD->BTD", out, p(self.o_kernel)), _X_AXES), kv
 
 
 class MLP(nnx.Module):
@@ -304,15 +322,16 @@ class MLP(nnx.Module):
         w = nnx.initializers.normal(0.02)
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.dtype = dtype
-        self.gate_kernel = _param(rngs, w, (d, f), param_dtype, ("embed", "mlp"))
-        self.up_kernel = _param(rngs, w, (d, f), param_dtype, ("embed", "mlp"))
-        self.down_kernel = _param(rngs, w, (f, d), param_dtype, ("mlp", "embed"))
+        self.gate_kernel = _param(rngs, w, (d, f), param_dtype, ("mlp_embed", "mlp"))
+        self.up_kernel = _param(rngs, w, (d, f), param_dtype, ("mlp_embed", "mlp"))
+        self.down_kernel = _param(rngs, w, (f, d), param_dtype, ("mlp", "mlp_embed"))
 
     def __call__(self, x):
         p = lambda v: v[...].astype(self.dtype)  # noqa: E731
-        gate = jnp.einsum("BTD,DF->BTF", x, p(self.gate_kernel))
-        up = jnp.einsum("BTD,DF->BTF", x, p(self.up_kernel))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p(self.down_kernel))
+        gate = _pin(jnp.einsum("BTD,DF->BTF", x, p(self.gate_kernel)), _MLP_AXES)
+        up = _pin(jnp.einsum("BTD,DF->BTF", x, p(self.up_kernel)), _MLP_AXES)
+        return _pin(jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p(self.down_kernel)),
+                    _X_AXES)
 
 
 class Block(nnx.Module):
@@ -336,7 +355,8 @@ class Qwen2(nnx.Module):
                  remat: bool = False, rngs: nnx.Rngs):
         self.config, self.dtype, self.remat = config, dtype, remat
         self.embed = _param(rngs, nnx.initializers.normal(0.02),
-                            (config.vocab_size, config.hidden_size), param_dtype, ("vocab", "embed"))
+                            (config.vocab_size, config.hidden_size), param_dtype,
+                            ("vocab", "vocab_embed"))
         self.layers = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
@@ -344,12 +364,12 @@ class Qwen2(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, nnx.initializers.normal(0.02),
                                   (config.hidden_size, config.vocab_size), param_dtype,
-                                  ("embed", "vocab"))
+                                  ("vocab_embed", "vocab"))
 
     def hidden_states(self, tokens, positions, mask, cache: KVCache | None = None):
         """tokens, positions [B,T] int32; mask [B,T] bool -> (final-normed h [B,T,D], cache)."""
         t = tokens.shape[1]
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = _pin(jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype), _X_AXES)
         if cache is None:
             key_valid, key_slot, query_slot = mask, jnp.arange(t), jnp.arange(t)
         else:
@@ -365,6 +385,7 @@ class Qwen2(nnx.Module):
             else:
                 x, kv = layer(x, positions, key_valid, key_slot, query_slot, kv,
                               None if cache is None else cache.index)
+            x = _pin(x, _X_AXES)
             if cache is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -373,13 +394,26 @@ class Qwen2(nnx.Module):
                             index=cache.index + t)
         return self.final_norm(x), cache
 
-    def logits(self, h):
-        """h [B,T,D] -> float32 logits [B,T,V] (bf16 matmul, float32 accumulation)."""
+    def head_weight(self):
+        """The LM head in the compute dtype: [V, D] (tied embeddings) or [D, V]. For T > 1 it is
+        gathered over fsdp (kept vocab-sharded over tensor) once; a caller that runs the head over
+        chunks of positions takes it outside its loop."""
         if self.config.tie_word_embeddings:
-            return jnp.einsum("BTD,VD->BTV", h, self.embed[...].astype(self.dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+            return shd.constrain(self.embed[...].astype(self.dtype), ("act_vocab", "vocab_embed"))
+        return shd.constrain(self.lm_head[...].astype(self.dtype), ("vocab_embed", "act_vocab"))
+
+    def logits(self, h, head=None):
+        """h [B,T,D] -> float32 logits [B,T,V] (bf16 matmul, float32 accumulation). `head`: the
+        result of `head_weight()` (T > 1); a decode step reads the vocab-sharded weight in place
+        and leaves its logits vocab-sharded."""
+        if head is None:
+            if h.shape[1] > 1:
+                head = self.head_weight()
+            else:
+                head = (self.embed if self.config.tie_word_embeddings else self.lm_head)[...]
+                head = head.astype(self.dtype)
+        spec = "BTD,VD->BTV" if self.config.tie_word_embeddings else "BTD,DV->BTV"
+        return _pin(jnp.einsum(spec, h, head, preferred_element_type=jnp.float32), _LOGIT_AXES)
 
     def __call__(self, tokens, positions, mask, cache: KVCache | None = None):
         h, cache = self.hidden_states(tokens, positions, mask, cache)
@@ -392,9 +426,11 @@ def positions_from_mask(mask):
 
 
 # -- sharded construction -------------------------------------------------------------------
-def _state_shardings(state, mesh: Mesh):
+def state_shardings(state, mesh: Mesh, rules: dict | None = None):
+    """NamedShardings for an nnx.State of the model's variables (their `logical` metadata)."""
     def one(v):
-        return shd.logical_sharding(mesh, v.get_metadata().get("logical", (None,) * v.get_value().ndim))
+        axes = v.get_metadata().get("logical", (None,) * v.get_value().ndim)
+        return shd.logical_sharding(mesh, axes, rules)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -404,6 +440,8 @@ def check_mesh_fits(config: QwenConfig, mesh: Mesh) -> None:
     shd.check_divisible(mesh, {"heads": config.num_heads, "kv_heads": config.num_kv_heads,
                                "vocab": config.vocab_size, "mlp": config.intermediate_size,
                                "embed": config.hidden_size}, "the model")
+    shd.check_divisible(mesh, {"mlp": config.intermediate_size}, "the sampler's weights",
+                        shd.SERVING_RULES)
 
 
 def abstract_model(config: QwenConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -424,9 +462,10 @@ def num_params(config: QwenConfig) -> int:
     return one + (config.num_layers - 1) * (count(2) - one)
 
 
-def param_shardings(model: Qwen2, mesh: Mesh):
-    """NamedShardings (an nnx.State) for the model's params, from the LOGICAL_RULES table."""
-    return _state_shardings(nnx.state(model, nnx.Param), mesh)
+def param_shardings(model: Qwen2, mesh: Mesh, rules: dict | None = None):
+    """NamedShardings (an nnx.State) for the model's params, from the LOGICAL_RULES table (or
+    `rules`, e.g. sharding.SERVING_RULES)."""
+    return state_shardings(nnx.state(model, nnx.Param), mesh, rules)
 
 
 def init_model(config: QwenConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -435,7 +474,7 @@ def init_model(config: QwenConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype
     check_mesh_fits(config, mesh)
     abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
     graphdef, abs_state = nnx.split(abstract)
-    shardings = _state_shardings(abs_state, mesh)
+    shardings = state_shardings(abs_state, mesh)
 
     def make():
         model = Qwen2(config, dtype=dtype, param_dtype=param_dtype, remat=remat,

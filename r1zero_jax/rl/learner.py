@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from r1zero_jax import sharding as shd
 from r1zero_jax.config import OptimConfig, RLConfig
@@ -68,16 +68,20 @@ def response_logprobs(model: Qwen2, tokens, input_mask, num_new: int, *, tempera
     """Log-probs and entropies [B, Tn] of the last `num_new` tokens under `model`.
 
     The LM head runs over Tn in chunks of `chunk` positions (rematerialised in the backward
-    pass), so [B, Tn, V] logits never exist at once for long responses.
+    pass), so [B, Tn, V] logits never exist at once for long responses. Logits stay
+    vocab-sharded: the target's logit is picked by a masked sum, not a gather (a gather across
+    vocab shards makes XLA move the whole logits).
     """
     h, _ = model.hidden_states(tokens, positions_from_mask(input_mask), input_mask)
     h = h[:, -num_new - 1:-1]  # position t predicts token t + 1
     targets = tokens[:, -num_new:]
+    w = model.head_weight()  # gathered once, outside the chunk loop
 
     def head(hc, tc):
-        logits = model.logits(hc) / temperature  # float32 [B, c, V]
+        logits = model.logits(hc, w) / temperature  # float32 [B, c, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
-        logp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
+        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+        logp = jnp.sum(jnp.where(vocab == tc[..., None], logits, 0.0), axis=-1) - lse
         sg = jax.lax.stop_gradient(logits)
         entropy = jax.lax.stop_gradient(lse) - (jax.nn.softmax(sg, axis=-1) * sg).sum(-1)
         return logp, entropy
@@ -107,23 +111,29 @@ def make_optimizer(o: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
 
 
-def place_replicated_scalars(tree, mesh: Mesh):
-    """Give every leaf a sharding on `mesh` (optax counters otherwise sit on one device)."""
-    rep = shd.replicated(mesh)
-
-    def one(x):
-        s = getattr(x, "sharding", None)
-        if isinstance(s, NamedSharding) and s.mesh == mesh:
-            return x
-        return jax.device_put(x, rep)
-
-    return jax.tree.map(one, tree)
+def opt_state_shardings(tx: optax.GradientTransformation, params, mesh: Mesh):
+    """Shardings of `tx`'s state: every params-shaped tree (Adam's mu and nu) leaf by leaf like
+    the params, counters replicated. `params`: arrays or ShapeDtypeStructs with shardings."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_utils.tree_map_params(
+        tx, lambda _, p: p.sharding, abstract, params,
+        transform_non_params=lambda _: shd.replicated(mesh))
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    opt_state = place_replicated_scalars(jax.jit(tx.init)(params), mesh)
+    # optax's zeros do not depend on the params' values, so without out_shardings XLA would
+    # replicate mu and nu on every chip.
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(mesh))
     return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def abstract_train_state(params, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """The TrainState of `init_state` as ShapeDtypeStructs (params: abstract, with shardings)."""
+    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(mesh))
+    return TrainState(step=step, params=params, opt_state=opt)
 
 
 def state_shardings(state: TrainState):
@@ -145,6 +155,17 @@ class Learner:
     max_new_tokens: int  # Dr. GRPO's constant normaliser, and the response length Tn
     temperature: float = 1.0
     logits_chunk: int = 0
+
+    @classmethod
+    def from_config(cls, cfg, qconfig: QwenConfig) -> "Learner":
+        """The learner of a RunConfig (the trainer's, and the one `plan --compile` compiles)."""
+        m = cfg.model
+        return cls(bind=make_binder(qconfig, dtype=jnp.dtype(m.dtype),
+                                    param_dtype=jnp.dtype(m.param_dtype), remat=m.remat),
+                   rl=cfg.rl, tx=make_optimizer(cfg.optim), schedule=lr_schedule(cfg.optim),
+                   max_new_tokens=cfg.sampling.max_new_tokens,
+                   temperature=cfg.sampling.temperature or 1.0,
+                   logits_chunk=cfg.train.logits_chunk)
 
     def logprobs(self, params, tokens, input_mask):
         """float32 [B, Tn] log-probs of the responses, no gradient (old / reference log-probs)."""
@@ -197,11 +218,22 @@ def _count(opt_state) -> jax.Array:
     raise ValueError("optimizer state holds no Adam counter")
 
 
+def _on_mesh(fn, mesh: Mesh):
+    """fn traced with its activations pinned to `mesh` (see `sharding.constrain`)."""
+    def traced(*args):
+        with shd.activation_mesh(mesh):
+            return fn(*args)
+
+    return traced
+
+
 def jit_learner(learner: Learner, state: TrainState, mesh: Mesh):
-    """(logprobs_fn, train_step_fn) jitted with the state kept in its shardings."""
+    """(logprobs_fn, train_step_fn) jitted with the state kept in its shardings. `state` may be
+    abstract (ShapeDtypeStructs with shardings), as when compiling for another topology."""
     shardings = state_shardings(state)
     rep = shd.replicated(mesh)
-    logprobs = jax.jit(learner.logprobs,
+    logprobs = jax.jit(_on_mesh(learner.logprobs, mesh),
                        out_shardings=shd.logical_sharding(mesh, ("batch", None)))
-    step = jax.jit(learner.train_step, out_shardings=(shardings, rep), donate_argnums=(0,))
+    step = jax.jit(_on_mesh(learner.train_step, mesh), out_shardings=(shardings, rep),
+                   donate_argnums=(0,))
     return logprobs, step

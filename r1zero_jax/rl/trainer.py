@@ -26,7 +26,7 @@ from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template
 from r1zero_jax.rl import losses
 from r1zero_jax.rl import rollout as ro
 from r1zero_jax.rl.learner import (LearnBatch, Learner, TrainState, abstract_state, init_state,
-                                   jit_learner, lr_schedule, make_binder, make_optimizer, params_of)
+                                   jit_learner, params_of)
 from r1zero_jax.rl.metrics import RunLogger, plot_curves, rollout_metrics
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -176,13 +176,8 @@ class Trainer:
         self.train_rows = load_rows(c.data.source, c.data.data_dir, split="train", seed=c.data.seed)
         self.eval_rows = (load_rows(e.source, c.data.data_dir, split="eval", size=e.size, seed=c.data.seed)
                           if e.source else [])
-        self.bind = make_binder(self.qconfig, dtype=_DTYPES[c.model.dtype],
-                                param_dtype=_DTYPES[c.model.param_dtype], remat=c.model.remat)
-        self.tx = make_optimizer(c.optim)
-        self.learner = Learner(bind=self.bind, rl=c.rl, tx=self.tx, schedule=lr_schedule(c.optim),
-                               max_new_tokens=c.sampling.max_new_tokens,
-                               temperature=c.sampling.temperature or 1.0,
-                               logits_chunk=c.train.logits_chunk)
+        self.learner = Learner.from_config(c, self.qconfig)
+        self.bind, self.tx = self.learner.bind, self.learner.tx
         self._init_params = params
 
     # -- pieces --------------------------------------------------------------------------------

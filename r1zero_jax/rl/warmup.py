@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from r1zero_jax import sharding as shd
 from r1zero_jax.data.synthetic import SyntheticTask, SyntheticTokenizer
 from r1zero_jax.models.qwen2 import positions_from_mask
-from r1zero_jax.rl.learner import place_replicated_scalars
+from r1zero_jax.rl.learner import init_state
 
 
 def warmup(params: dict, bind, task: SyntheticTask, tokenizer: SyntheticTokenizer, mesh: Mesh, *,
@@ -63,7 +63,7 @@ def warmup(params: dict, bind, task: SyntheticTask, tokenizer: SyntheticTokenize
             updates, opt_state = tx.update(g, opt_state, p)
             return optax.apply_updates(p, updates), opt_state, loss
 
-        opt_state = place_replicated_scalars(jax.jit(tx.init)(params), mesh)
+        opt_state = init_state(params, tx, mesh).opt_state
         every = max(1, steps // 4)
         for i in range(steps):
             tokens, loss_mask = phase_task.warmup_batch(tokenizer, batch, rng, length)

@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 
 from r1zero_jax import sharding as shd
 from r1zero_jax.models.qwen2 import KVCache, positions_from_mask
-from r1zero_jax.sampling import categorical, filters
+from r1zero_jax.sampling import categorical, filters, vocab_parallel
 from r1zero_jax.sampling import stop_strings as stops
 
 PROMPT_LEN_MULTIPLE = 16  # prompt lengths are left-padded to a multiple of this: fewer compiles
@@ -91,7 +91,7 @@ class Rollout:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
     """Everything static about one compiled sampler."""
 
     n: int
@@ -130,29 +130,26 @@ def _constrain_cache(cache: KVCache, mesh: Mesh) -> KVCache:
     return jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
 
 
-def _choose(logits, key, step, temperature, top_p, plan: _Plan):
-    """logits [R,V] float32 -> (token [R] int32, log-prob [R] float32)."""
-    if plan.greedy:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-    else:
-        scaled = filters.apply_temperature(logits, temperature)
-        logp = jax.nn.log_softmax(scaled, axis=-1)
-        kept = filters.top_k_filter(scaled, plan.top_k)
-        if plan.use_top_p:
-            kept = filters.top_p_filter(kept, top_p)
-        step_key = jax.random.fold_in(key, step)
-        rows = jnp.arange(logits.shape[0], dtype=jnp.uint32)
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows)
-        u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]
-        weights = jnp.exp(kept - jnp.max(kept, axis=-1, keepdims=True))  # removed tokens: 0
-        # the draw cuts the vocabulary into blocks that need not match its tensor shards: gather
-        # each row's weights (R/batch-shards rows per device) rather than let XLA reshard
-        token = categorical.draw(_constrain(weights, plan.mesh, ("batch", None)), u)
+def _choose(logits, key, step, temperature, top_p, plan: Plan):
+    """logits [R,V] float32, vocab-sharded -> (token [R] int32, log-prob [R] float32)."""
+    step_key = jax.random.fold_in(key, step)
+    rows = jnp.arange(logits.shape[0], dtype=jnp.uint32)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows)
+    u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]
+    if plan.greedy or not (plan.top_k or plan.use_top_p):
+        return vocab_parallel.choose(logits, u, temperature, greedy=plan.greedy, mesh=plan.mesh)
+    # top-k and top-p sort whole rows: each row's logits are gathered over the vocab shards
+    # (R / batch-shards rows per device), a cost the paper's recipes (top_p = 1) do not pay.
+    scaled = filters.apply_temperature(_constrain(logits, plan.mesh, ("batch", None)), temperature)
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    kept = filters.top_k_filter(scaled, plan.top_k)
+    if plan.use_top_p:
+        kept = filters.top_p_filter(kept, top_p)
+    token = categorical.draw(jnp.exp(kept - jnp.max(kept, axis=-1, keepdims=True)), u)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-def _advance(loop: _Loop, token, logp, logits, tables, finals, plan: _Plan) -> _Loop:
+def _advance(loop: _Loop, token, logp, logits, tables, finals, plan: Plan) -> _Loop:
     """Record the token of step `loop.step` for rows not yet done; update stops."""
     i, active = loop.step, ~loop.done
     if plan.return_logits:
@@ -184,7 +181,7 @@ def _advance(loop: _Loop, token, logp, logits, tables, finals, plan: _Plan) -> _
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
-def _prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, graphdef, plan):
+def prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, graphdef, plan):
     """Prefill the B prompts once, repeat their cache n times, sample the first token."""
     model = nnx.merge(graphdef, state)
     b, tp = tokens.shape
@@ -196,12 +193,14 @@ def _prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, gr
     def prefill_chunk(c, carry):
         cache, _ = carry
         part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
-        h, cache = model.hidden_states(part(tokens), part(positions), part(mask), cache)
+        with shd.activation_mesh(mesh):
+            h, cache = model.hidden_states(part(tokens), part(positions), part(mask), cache)
         return _constrain_cache(cache, mesh), h[:, -1]
 
     h0 = jnp.zeros((b, model.config.hidden_size), model.dtype)
     cache, h = jax.lax.fori_loop(0, tp // chunk, prefill_chunk, (cache, h0))
-    logits = model.logits(h[:, None])[:, 0]  # left padding: the last column is real in every row
+    with shd.activation_mesh(mesh):  # left padding: the last column is real in every row
+        logits = model.logits(h[:, None])[:, 0]
     cache = _constrain_cache(cache.extend(n, m), mesh)
     rep = functools.partial(jnp.repeat, repeats=n, total_repeat_length=b * n)
     r = b * n
@@ -215,26 +214,53 @@ def _prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, gr
         stop_state=batch(jnp.zeros((r, plan.num_stop_strings), jnp.int32)), key=key,
         logits=batch(jnp.zeros((r, m, logits.shape[-1]), jnp.float32)) if plan.return_logits
         else None)
-    logits = batch(rep(logits, axis=0))
+    logits = _constrain(rep(logits, axis=0), mesh, vocab_parallel.LOGIT_AXES)
     token, logp = _choose(logits, key, 0, temperature, top_p, plan)
     return _advance(loop, token, logp, logits, tables, finals, plan)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("loop",))
-def _decode(state, loop, temperature, top_p, tables, finals, *, graphdef, plan):
+def decode(state, loop, temperature, top_p, tables, finals, *, graphdef, plan):
     """Decode one token per row per iteration until every row is done."""
     model = nnx.merge(graphdef, state)
     r = loop.last.shape[0]
     one = jnp.ones((r, 1), bool)
 
     def body(loop: _Loop) -> _Loop:
-        h, cache = model.hidden_states(loop.last[:, None], loop.pos[:, None], one, loop.cache)
-        logits = model.logits(h)[:, 0]
+        with shd.activation_mesh(plan.mesh):
+            h, cache = model.hidden_states(loop.last[:, None], loop.pos[:, None], one, loop.cache)
+            logits = _constrain(model.logits(h)[:, 0], plan.mesh, vocab_parallel.LOGIT_AXES)
         token, logp = _choose(logits, loop.key, loop.step, temperature, top_p, plan)
         loop = loop.replace(cache=_constrain_cache(cache, plan.mesh))
         return _advance(loop, token, logp, logits, tables, finals, plan)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, loop)
+
+
+def serving_state(state, mesh: Mesh, dtype):
+    """The sampler's copy of the weights (an nnx.State of arrays, or of ShapeDtypeStructs when
+    compiling ahead of time): floating params in the compute dtype (the model casts each weight to
+    it on use, so samples are unchanged), laid out by sharding.SERVING_RULES. One cast and
+    reshard per sampler call, instead of [rows, F] partial sums on every decode step."""
+    from r1zero_jax.models.qwen2 import state_shardings
+
+    shardings = state_shardings(state, mesh, shd.SERVING_RULES).to_pure_dict()
+
+    def one(x, sharding):
+        dt = jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dt, sharding=sharding)
+        return jax.device_put(x.astype(dt), sharding)
+
+    out = jax.tree.map(lambda x: x, state)  # new Variables: the caller's model is not touched
+    out.replace_by_pure_dict(jax.tree.map(one, state.to_pure_dict(), shardings))
+    return out
+
+
+def padded_prompt_width(tp: int) -> int:
+    """The prefill's prompt width for prompts of `tp` tokens (few widths: few compiles)."""
+    multiple = PROMPT_LEN_MULTIPLE if tp <= PREFILL_CHUNK else PREFILL_CHUNK
+    return -(-tp // multiple) * multiple
 
 
 def default_stop_token_ids(tokenizer) -> tuple[int, ...]:
@@ -293,8 +319,7 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     b, tp = tokens.shape
     shards = shd.axis_size(mesh, "batch")
     bp = -(-b // shards) * shards
-    multiple = PROMPT_LEN_MULTIPLE if tp <= PREFILL_CHUNK else PREFILL_CHUNK
-    tpp = -(-tp // multiple) * multiple
+    tpp = padded_prompt_width(tp)
     padded_tokens = np.zeros((bp, tpp), np.int32)
     padded_mask = np.zeros((bp, tpp), bool)
     padded_tokens[:b, tpp - tp:], padded_mask[:b, tpp - tp:] = tokens, mask
@@ -306,7 +331,7 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
         finals = jax.device_put(stops.final_states(stop_strs), shd.replicated(mesh))
     else:
         tables = finals = None
-    plan = _Plan(n=params.n, max_new_tokens=params.max_new_tokens,
+    plan = Plan(n=params.n, max_new_tokens=params.max_new_tokens,
                  greedy=params.temperature == 0, top_k=params.top_k,
                  use_top_p=params.top_p < 1.0, stop_token_ids=stop_ids,
                  num_stop_strings=len(stop_strs), mesh=mesh, return_logits=return_logits,
@@ -317,13 +342,14 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     temperature = jax.device_put(np.float32(params.temperature or 1.0), rep)
     top_p = jax.device_put(np.float32(params.top_p), rep)
     graphdef, state = nnx.split(model)
+    state = serving_state(state, mesh, model.dtype)
 
     t0 = time.perf_counter()
-    loop = _prefill(state, shd.shard_batch(mesh, padded_tokens), shd.shard_batch(mesh, padded_mask),
+    loop = prefill(state, shd.shard_batch(mesh, padded_tokens), shd.shard_batch(mesh, padded_mask),
                     key, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
     jax.block_until_ready(loop)
     t1 = time.perf_counter()
-    loop = _decode(state, loop, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
+    loop = decode(state, loop, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
     jax.block_until_ready(loop)
     timings = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1,
                "decode_steps": int(loop.step) - 1}  # with compilation on a first call
