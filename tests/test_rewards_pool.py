@@ -1,4 +1,5 @@
-"""The bounded worker pool: hostile inputs, timeouts, dead workers, the reward API and the CLI path."""
+"""The bounded worker pool: hostile inputs, CPU-time bounds, dead workers at any moment, the
+reward API and the CLI path."""
 
 import json
 import os
@@ -6,11 +7,13 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from r1zero_jax.rewards import GraderPool, compute_rewards, grade_file
+from r1zero_jax.rewards import pool as pool_module
 
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "grader_corpus.jsonl")
 
@@ -28,7 +31,7 @@ def pool():
 
 
 def _pids(p: GraderPool) -> list[int]:
-    return [w.proc.pid for w in p._workers]
+    return p.worker_pids()
 
 
 def test_corpus_through_pool_matches_labels(pool):
@@ -55,12 +58,16 @@ def test_hostile_inputs_score_zero_fast_without_side_effects(pool, tmp_path):
         "\\boxed{(10^{100})!}",
         "\\boxed{" + "{" * 900 + "1" + "}" * 900 + "}",  # short enough to reach the parser
         "\\boxed{" + "\\sqrt{" * 250 + "2" + "}" * 250 + "}",
+        "\\boxed{1e309}",  # once an OverflowError that escaped into the trainer
+        "\\boxed{1e9999999}",  # once 50 s of the trainer's main thread
+        "\\boxed{-1e9999999}", "\\boxed{1e-9999999}", "\\boxed{10^{1e9999}}",
     ]
-    refs = ["0", "0", "1", "1", "1", "1", "1", "\\infty", "1", "2", "2"]
+    refs = ["0", "0", "1", "1", "1", "1", "1", "\\infty", "1", "2", "2", "1", "1", "1", "0", "1"]
     t = time.perf_counter()
     res = pool.grade(hostile, refs)
     assert time.perf_counter() - t < 2.0 + 1.0
     assert [r.reward for r in res] == [0.0] * len(hostile)
+    assert all(r.reason for r in res)
     assert not marker.exists()
     # still serving, with correct answers
     assert [r.reward for r in pool.grade(["\\boxed{\\sqrt{8}}", "\\boxed{2}"], ["2\\sqrt{2}", "3"])] == [1.0, 0.0]
