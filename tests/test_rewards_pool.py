@@ -160,3 +160,163 @@ def test_grade_file_names_bad_rows(tmp_path):
     src.write_text('{"response": "x", "answer": "1", "template": "chat"}\n')
     with pytest.raises(ValueError, match="unknown template 'chat'"):
         grade_file(str(src))
+
+
+def _sympy_rows(n: int, seed: int = 0) -> tuple[list[str], list[str], list[float]]:
+    """n responses needing a few ms of sympy each ((\\sqrt a + \\sqrt b)^2 = a + b + 2\\sqrt{ab}),
+    every third one wrong, every fifth a plain integer; and their true rewards."""
+    rng = random.Random(seed)
+    responses, refs, want = [], [], []
+    for k in range(n):
+        a, b = rng.randrange(2, 40), rng.randrange(2, 40)
+        if k % 5 == 0:
+            responses.append(f"so \\boxed{{{a * b}}}")
+            refs.append(str(a * b + (k % 3 == 0)))
+        else:
+            responses.append(f"so \\boxed{{(\\sqrt{{{a}}}+\\sqrt{{{b}}})^2}}")
+            refs.append(f"{a + b + (k % 3 == 0)}+2\\sqrt{{{a * b}}}")
+        want.append(0.0 if k % 3 == 0 else 1.0)
+    return responses, refs, want
+
+
+def _server_children(p: GraderPool) -> list[int]:
+    """Workers of the pool's server, ready or not (Linux /proc)."""
+    pid = p.server_pid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_workers_killed_before_they_are_ready_are_replaced():
+    """Issue 14: one worker dying before it reported ready broke the pool for good."""
+    responses, refs, want = _sympy_rows(40)
+    with GraderPool(workers=2, timeout_s=2.0) as p:
+        os.kill(p.server_pid(), signal.SIGKILL)  # still importing sympy: no worker ever starts
+        assert [r.reward for r in p.grade(responses, refs)] == want
+        assert p.start_failures >= 2 and p.server_restarts >= 1
+        # Now fork-time kills: every new worker dies as soon as it exists, a few times over.
+        for pid in p.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        stop, killed = threading.Event(), []
+
+        def killer():
+            while not stop.is_set() and len(killed) < 6:
+                for pid in _server_children(p):
+                    if pid not in killed:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+
+        t = threading.Thread(target=killer)
+        t.start()
+        try:
+            res = p.grade(responses, refs)
+        finally:
+            stop.set()
+            t.join()
+        assert [r.reward for r in res] == want
+        # ... and the server itself, once it is serving
+        os.kill(p.server_pid(), signal.SIGKILL)
+        for pid in p.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        assert [r.reward for r in p.grade(responses, refs)] == want
+
+
+def test_a_worker_killed_every_half_second_over_5000_rows(caplog):
+    """Every row answered, in order, right (bar a row that two kills happened to hit), and the
+    deaths logged and counted."""
+    responses, refs, want = _sympy_rows(5000)
+    stop, kills = threading.Event(), []
+    with GraderPool(workers=2, timeout_s=2.0) as p:
+        p.grade(responses[:2], refs[:2])
+
+        def killer():
+            rng = random.Random(1)
+            while not stop.wait(0.5):
+                pids = p.worker_pids()
+                if pids:
+                    pid = rng.choice(pids)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        kills.append(pid)
+                    except ProcessLookupError:
+                        pass
+
+        t = threading.Thread(target=killer)
+        t.start()
+        try:
+            res = []
+            for lo in range(0, len(responses), 1024):  # the trainer's batch size
+                res += p.grade(responses[lo : lo + 1024], refs[lo : lo + 1024])
+        finally:
+            stop.set()
+            t.join()
+        deaths = p.worker_deaths
+    assert len(res) == 5000 and all(r is not None for r in res)
+    assert [r.extracted for r in res] == [s[s.index("{") + 1 : -1] for s in responses]  # in order
+    lost = [k for k, r in enumerate(res) if r.reason == "worker died"]
+    assert len(lost) <= 10
+    assert [r.reward for k, r in enumerate(res) if k not in lost] == [w for k, w in enumerate(want) if k not in lost]
+    assert len(kills) >= 4 and deaths >= len(kills) - 2  # a kill may land between two batches
+    assert sum("grader worker" in m and "died" in m for m in caplog.messages) >= deaths
+
+
+def test_a_row_past_its_budget_in_uninterruptible_code_is_killed_by_the_pool(monkeypatch):
+    """The worker's CPU timer cannot interrupt a long call in C; the pool then kills on CPU time
+    read from /proc (simulated: the pool's limit set far below the worker's own timer)."""
+    monkeypatch.setattr(pool_module, "KILL_GRACE_S", -0.95)  # pool limit 0.05 s, worker timer 1 s
+    with GraderPool(workers=1, timeout_s=1.0) as p:
+        p.grade(["\\boxed{1}"], ["1"])
+        pid = p.worker_pids()[0]
+        res = p.grade([SLOW_PRED, "\\boxed{\\sqrt{8}}"], [SLOW_REF, "2\\sqrt{2}"])
+        assert res[0].timed_out and res[0].reason == "timeout" and p.timeouts == 1
+        assert res[1].reward == 1.0
+        assert pid not in p.worker_pids()
+
+
+def test_a_stopped_worker_is_replaced_and_its_row_graded_elsewhere(monkeypatch):
+    monkeypatch.setattr(pool_module, "WALL_LIMIT_S", 1.0)
+    with GraderPool(workers=1, timeout_s=0.5) as p:
+        p.grade(["\\boxed{1}"], ["1"])
+        os.kill(p.worker_pids()[0], signal.SIGSTOP)  # no CPU time passes: only the wall limit sees it
+        res = p.grade(["\\boxed{\\sqrt{8}}"], ["2\\sqrt{2}"])
+        assert res[0].reward == 1.0 and p.worker_deaths == 1
+
+
+def test_rewards_do_not_depend_on_machine_load():
+    """Issue 14: the same 2,000 responses, graded idle and with more CPU-bound processes than cores
+    running, get identical rewards. The bound is CPU time: expensive correct answers (~0.2 s of CPU
+    each, a 0.5 s budget) pass under load, and ones far over budget time out both times."""
+    items = [f"\\sqrt{{{k}}}+\\frac{{\\pi}}{{{k + 1}}}x^{{{k}}}+\\frac{{{k}}}{{x+{k}}}" for k in range(2, 34)]
+    heavy_pred = "\\boxed{\\{" + ",".join(items) + "\\}}"
+    heavy_ref = "\\{" + ",".join(reversed(items)) + "\\}"
+    # 28 values that are exactly k - 1/2, each proved to 2,100 digits: seconds of CPU
+    cos7 = "\\cos(\\frac{2\\pi}{7})+\\cos(\\frac{4\\pi}{7})+\\cos(\\frac{6\\pi}{7})"
+    over_pred = "\\boxed{\\{" + ",".join(f"{cos7}+{k}" for k in range(1, 29)) + "\\}}"
+    over_ref = "\\{" + ",".join(f"{k}-\\frac{{1}}{{2}}" for k in range(28, 0, -1)) + "\\}"
+    responses, refs, _ = _sympy_rows(488, seed=2)
+    responses += [f"The answer is \\boxed{{{k % 97}}}." for k in range(1_500)]
+    refs += [str(k % 89) for k in range(1_500)]
+    responses += [heavy_pred] * 10 + [over_pred] * 2
+    refs += [heavy_ref] * 10 + [over_ref] * 2
+    order = random.Random(3).sample(range(len(responses)), len(responses))
+    responses, refs = [responses[k] for k in order], [refs[k] for k in order]
+
+    def run():
+        with GraderPool(workers=2, timeout_s=0.5) as p:
+            return p.grade(responses, refs)
+
+    idle = run()
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
+    try:
+        loaded = run()
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    assert [r.reward for r in loaded] == [r.reward for r in idle]
+    heavy = [k for k, r in enumerate(responses) if r == heavy_pred]
+    over = [k for k, r in enumerate(responses) if r == over_pred]
+    assert all(idle[k].reward == 1.0 and loaded[k].reward == 1.0 for k in heavy)
+    assert all(idle[k].timed_out and loaded[k].timed_out for k in over)
