@@ -9,6 +9,7 @@ whose value would be huge (exponent towers, big factorials) before sympy evaluat
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 import sympy
 
@@ -33,7 +34,7 @@ class TooBig(ParseError):
 @dataclass(frozen=True)
 class Parsed:
     expr: sympy.Expr
-    rel_tol: float  # as a reference: its least precise decimal literal's tolerance (0: exact)
+    rel_tol: Fraction  # as a reference: its least precise decimal literal's tolerance (0: exact)
 
 
 _TOKEN = re.compile(
@@ -83,7 +84,7 @@ def tokenize(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _number(text: str) -> tuple[sympy.Expr, bool, float]:
+def _number(text: str) -> tuple[sympy.Expr, bool, Fraction]:
     """Exact rational value of a decimal literal, whether it had a decimal point/exponent, and the
     relative tolerance it allows as a reference."""
     mant, _, exp = text.lower().partition("e")
@@ -121,7 +122,7 @@ class _Parser:
     def __init__(self, tokens):
         self.toks = tokens
         self.i = 0
-        self.rel_tol = 0.0
+        self.rel_tol = Fraction(0)
         self.abs_depth = 0
 
     def peek(self, k=0):

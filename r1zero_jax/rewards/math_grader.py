@@ -11,6 +11,7 @@ processes with a CPU-time bound.
 
 import cmath
 import re
+from fractions import Fraction
 from functools import lru_cache
 
 import sympy
@@ -26,7 +27,7 @@ MAX_ITEMS = 32  # elements of a tuple/set/matrix compared
 # 10^{-MAX_RESULT_DIGITS}, so a real difference is always seen, even e^{\pi\sqrt{163}} - 262537412640768744
 # (about 7.5e-13, relative 3e-30), which a fixed-precision comparison takes for 0.
 _ZERO_TEST_DIGITS = MAX_RESULT_DIGITS + 100
-_SYMBOLIC_TOL = 1e-12  # expressions in free symbols, compared at sample points
+_SYMBOLIC_TOL = Fraction(1, 10**12)  # expressions in free symbols, compared at sample points
 _WORD = re.compile(r"[a-zA-Z]+(?: [a-zA-Z]+)*")  # a text answer: compared case-insensitively
 _PM = ("\\pm", "\\mp")
 _SIMPLE_LHS = re.compile(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w+|_\{\w+\})?(?:\([a-zA-Z,]*\))?")
@@ -131,9 +132,9 @@ def _parse(text: str) -> Parsed | None:
         return None
 
 
-def _close(vx: sympy.Expr, vy: sympy.Expr, tol: float) -> bool:
+def _close(vx: sympy.Expr, vy: sympy.Expr, tol: Fraction) -> bool:
     """|x - y| < tol * |y| for two evaluated numbers; past float range, through their ratio."""
-    x, y = complex(vx), complex(vy)
+    x, y, tol = complex(vx), complex(vy), float(tol)
     if cmath.isnan(x) or cmath.isnan(y):
         return False
     if cmath.isfinite(x) and cmath.isfinite(y):
@@ -154,12 +155,12 @@ def _exactly_equal(x: sympy.Expr, y: sympy.Expr) -> bool:
     return d == 0
 
 
-def _exprs_equal(pred: sympy.Expr, ref: sympy.Expr, ref_tol: float) -> bool:
+def _exprs_equal(pred: sympy.Expr, ref: sympy.Expr, ref_tol: Fraction) -> bool:
     """The numeric rule of `normalize`: exact unless the reference has decimals (then ref_tol)."""
     if pred == ref:
         return True
-    if pred.is_Rational and ref.is_Rational and not ref_tol:
-        return False  # exact numbers are equal only when identical (10^{1500}+1 is not 10^{1500})
+    if pred.is_Rational and ref.is_Rational:  # exactly, also at a decimal's half-unit boundary
+        return abs(pred - ref) < sympy.Rational(ref_tol.numerator, ref_tol.denominator) * abs(ref)
     bad = (sympy.nan, sympy.zoo)
     if any(e.has(*bad) for e in (pred, ref)) or any(e.has(sympy.oo, -sympy.oo) for e in (pred, ref)):
         return False  # infinities only match structurally (pred == ref above)

@@ -161,16 +161,16 @@ def choice_letter(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def decimal_tolerance(whole: str, frac: str) -> float:
+def decimal_tolerance(whole: str, frac: str) -> Fraction:
     """Relative tolerance a reference decimal literal allows: half a unit of its last digit over its
     value; 0 for an exact literal (no digits after the point, or only zeros there)."""
     if not frac.strip("0"):
-        return 0.0
+        return Fraction(0)
     value = Fraction(int(whole or "0") * 10 ** len(frac) + int(frac), 10 ** len(frac))
-    return 0.0 if value == 0 else float(Fraction(1, 2 * 10 ** len(frac)) / value)
+    return Fraction(0) if value == 0 else Fraction(1, 2 * 10 ** len(frac)) / value
 
 
-def plain_number(text: str) -> tuple[Fraction, float] | None:
+def plain_number(text: str) -> tuple[Fraction, Fraction] | None:
     """Exact value of an integer/decimal/simple fraction, and the relative tolerance it allows as a
     reference (0 when exact; see the rule at the top of this module)."""
     if len(text) > 60:
@@ -190,13 +190,13 @@ def plain_number(text: str) -> tuple[Fraction, float] | None:
         if int(b) == 0:
             return None
         v = Fraction(int(a), int(b))
-        return (-v if sign == "-" else v), 0.0
+        return (-v if sign == "-" else v), Fraction(0)
     return None
 
 
-def numbers_equal(pred: Fraction, ref: Fraction, ref_tol: float) -> bool:
+def numbers_equal(pred: Fraction, ref: Fraction, ref_tol: Fraction) -> bool:
     """The numeric rule above: exact unless the reference is a decimal (then at its precision)."""
-    return pred == ref or abs(pred - ref) < Fraction(ref_tol) * abs(ref)
+    return pred == ref or abs(pred - ref) < ref_tol * abs(ref)
 
 
 def quick_verdict(pred: str, refs: list[str]) -> bool | None:
