@@ -148,6 +148,7 @@ def test_grade_file_writes_rows_and_reports(tmp_path, capsys):
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["reward"] for g in got] == [1.0, 0.0, 1.0, 0.0]
     assert [g["extracted"] for g in got] == ["3", "(1,2)", "5", None]
+    assert [g["reason"] for g in got] == ["equal", "not equal", "equal", "no answer"]
     assert got[1]["id"] == 7
     assert "accuracy: 2/4 = 50.00%  timeouts: 0" in capsys.readouterr().out
 
@@ -320,3 +321,25 @@ def test_rewards_do_not_depend_on_machine_load():
     over = [k for k, r in enumerate(responses) if r == over_pred]
     assert all(idle[k].reward == 1.0 and loaded[k].reward == 1.0 for k in heavy)
     assert all(idle[k].timed_out and loaded[k].timed_out for k in over)
+
+
+def test_step_metrics_count_grading_timeouts_and_lost_workers():
+    import numpy as np
+
+    from r1zero_jax.rl import rollout as ro
+    from r1zero_jax.rl.metrics import rollout_metrics
+
+    texts = [SLOW_PRED, "\\boxed{2}", "\\boxed{3}", "no answer"]
+    r = len(texts)
+    rb = ro.RolloutBatch(
+        prompt_tokens=np.zeros((r, 1), np.int32), prompt_mask=np.ones((r, 1), bool),
+        tokens=np.zeros((r, 2), np.int32), mask=np.ones((r, 2), bool),
+        sampler_logp=np.zeros((r, 2), np.float32), lengths=np.full(r, 2, np.int32),
+        truncated=np.zeros(r, bool), texts=texts, answers=[SLOW_REF, "2", "4", "1"])
+    with GraderPool(workers=1, timeout_s=0.01) as p:
+        p.grade(["\\boxed{1}"], ["1"])
+        os.kill(p.worker_pids()[0], signal.SIGKILL)  # found dead when the step's rows arrive
+        ro.grade(rb, "qwen_math", p)
+    assert rb.rewards.tolist() == [0.0, 1.0, 0.0, 0.0]
+    m = rollout_metrics(rb, group_size=2)
+    assert m["grader_timeouts"] == 1 and m["grader_worker_deaths"] == 1

@@ -412,7 +412,8 @@ def _read_rows(path: str) -> list[dict]:
 
 def grade_file(input_path: str, output_path: str | None = None, workers: int | None = None,
                chunk: int = 1024) -> int:
-    """Grade a JSONL of {response, answer[, template]}; print accuracy and timeouts; return 0."""
+    """Grade a JSONL of {response, answer[, template]} (rows written back with reward, extracted
+    answer and reason); print accuracy, timeouts and lost workers; return 0."""
     rows = _read_rows(input_path)
     graded: list[GradeResult | None] = [None] * len(rows)
     start = time.monotonic()
@@ -431,13 +432,15 @@ def grade_file(input_path: str, output_path: str | None = None, workers: int | N
             rate = done / max(dt, 1e-9)
             print(f"graded {done}/{len(rows)} ({rate:.0f}/s, ETA {(len(rows) - done) / rate:.0f} s)",
                   file=sys.stderr)
+        deaths = pool.worker_deaths
     if output_path:
         with open(output_path, "w") as f:
             for row, r in zip(rows, graded):
-                f.write(json.dumps({**row, "reward": r.reward, "extracted": r.extracted}) + "\n")
+                f.write(json.dumps({**row, "reward": r.reward, "extracted": r.extracted,
+                                    "reason": r.reason}) + "\n")
     correct = sum(r.reward for r in graded)
     timeouts = sum(r.timed_out for r in graded)
     acc = correct / len(rows) if rows else 0.0
     print(f"accuracy: {int(correct)}/{len(rows)} = {acc:.2%}  timeouts: {timeouts}  "
-          f"no answer: {sum(r.extracted is None for r in graded)}")
+          f"no answer: {sum(r.extracted is None for r in graded)}  grader workers lost: {deaths}")
     return 0
