@@ -258,7 +258,8 @@ def test_a_worker_killed_every_half_second_over_5000_rows(caplog):
     assert [r.extracted for r in res] == [s[s.index("{") + 1 : -1] for s in responses]  # in order
     lost = [k for k, r in enumerate(res) if r.reason == "worker died"]
     assert len(lost) <= 10
-    assert [r.reward for k, r in enumerate(res) if k not in lost] == [w for k, w in enumerate(want) if k not in lost]
+    kept = [k for k in range(len(res)) if k not in lost]
+    assert [res[k].reward for k in kept] == [want[k] for k in kept]
     assert len(kills) >= 4 and deaths >= len(kills) - 2  # a kill may land between two batches
     assert sum("grader worker" in m and "died" in m for m in caplog.messages) >= deaths
 
@@ -280,7 +281,7 @@ def test_a_stopped_worker_is_replaced_and_its_row_graded_elsewhere(monkeypatch):
     monkeypatch.setattr(pool_module, "WALL_LIMIT_S", 1.0)
     with GraderPool(workers=1, timeout_s=0.5) as p:
         p.grade(["\\boxed{1}"], ["1"])
-        os.kill(p.worker_pids()[0], signal.SIGSTOP)  # no CPU time passes: only the wall limit sees it
+        os.kill(p.worker_pids()[0], signal.SIGSTOP)  # no CPU time passes: the wall limit sees it
         res = p.grade(["\\boxed{\\sqrt{8}}"], ["2\\sqrt{2}"])
         assert res[0].reward == 1.0 and p.worker_deaths == 1
 
@@ -289,7 +290,8 @@ def test_rewards_do_not_depend_on_machine_load():
     """Issue 14: the same 2,000 responses, graded idle and with more CPU-bound processes than cores
     running, get identical rewards. The bound is CPU time: expensive correct answers (~0.2 s of CPU
     each, a 0.5 s budget) pass under load, and ones far over budget time out both times."""
-    items = [f"\\sqrt{{{k}}}+\\frac{{\\pi}}{{{k + 1}}}x^{{{k}}}+\\frac{{{k}}}{{x+{k}}}" for k in range(2, 34)]
+    items = [f"\\sqrt{{{k}}}+\\frac{{\\pi}}{{{k + 1}}}x^{{{k}}}+\\frac{{{k}}}{{x+{k}}}"
+             for k in range(2, 34)]
     heavy_pred = "\\boxed{\\{" + ",".join(items) + "\\}}"
     heavy_ref = "\\{" + ",".join(reversed(items)) + "\\}"
     # 28 values that are exactly k - 1/2, each proved to 2,100 digits: seconds of CPU
@@ -309,7 +311,8 @@ def test_rewards_do_not_depend_on_machine_load():
             return p.grade(responses, refs)
 
     idle = run()
-    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(2 * (os.cpu_count() or 2))]
     try:
         loaded = run()
     finally:

@@ -21,16 +21,22 @@ import socket
 import sys
 import time
 
+from r1zero_jax.rewards import math_grader
+from r1zero_jax.rewards.extract import extract_answer
+from r1zero_jax.rewards.normalize import normalize
+
 MEMORY_LIMIT_BYTES = 2 << 30  # a runaway sympy computation raises MemoryError instead of swapping
 _WARM_UP = (  # code paths whose first call is slow (imports inside sympy, caches of constants)
     ("\\boxed{\\sqrt{8}}", ["2\\sqrt{2}"]), ("\\boxed{x^2+1}", ["1+x^2"]),
-    ("\\boxed{(1,2)}", ["(1,2)"]), ("\\boxed{e^{i\\pi}}", ["-1"]), ("\\boxed{\\frac{1}{3}}", ["0.33"]),
+    ("\\boxed{(1,2)}", ["(1,2)"]), ("\\boxed{e^{i\\pi}}", ["-1"]),
+    ("\\boxed{\\frac{1}{3}}", ["0.33"]),
     ("\\boxed{\\sin(\\pi/6)}", ["\\frac12"]), ("\\boxed{\\log_2 8}", ["3"]),
 )
 
 
 class CpuTimeout(BaseException):
-    """The row used up its CPU budget (a BaseException: sympy's `except Exception` cannot eat it)."""
+    """The row used up its CPU budget (a BaseException, so sympy's `except Exception` cannot eat
+    it)."""
 
 
 def _on_cpu_timer(signum, frame):
@@ -38,16 +44,14 @@ def _on_cpu_timer(signum, frame):
 
 
 def grade_row(task: dict, cpu_budget_s: float) -> dict:
-    """The verdict on one row, within `cpu_budget_s` of CPU time; never raises."""
-    from r1zero_jax.rewards.extract import extract_answer
-    from r1zero_jax.rewards.math_grader import judge
-
+    """The verdict on one row, within `cpu_budget_s` of CPU time. Raises nothing but a CpuTimeout
+    that fires while an error is being handled (the caller answers that row as a timeout)."""
     extracted, ok, reason = None, False, "no answer"
     signal.setitimer(signal.ITIMER_PROF, cpu_budget_s)
     try:
         extracted = extract_answer(task["response"], task["template"])
         if extracted is not None:
-            ok, reason = judge(extracted, task["refs"])
+            ok, reason = math_grader.judge(extracted, task["refs"])
     except CpuTimeout:
         reason = "timeout"
     except MemoryError:
@@ -64,7 +68,8 @@ def grade_row(task: dict, cpu_budget_s: float) -> dict:
 
 def _serve(rfd: int, wfd: int, cpu_budget_s: float) -> None:
     out = os.fdopen(wfd, "wb", buffering=0)
-    out.write((json.dumps({"ready": True, "pid": os.getpid(), "cpu": time.process_time()}) + "\n").encode())
+    ready = {"ready": True, "pid": os.getpid(), "cpu": time.process_time()}
+    out.write((json.dumps(ready) + "\n").encode())
     for line in os.fdopen(rfd, "rb"):
         try:
             task = json.loads(line)
@@ -102,9 +107,6 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     except (ValueError, OSError):
         pass  # a lower hard limit is already in place
-    from r1zero_jax.rewards import math_grader
-    from r1zero_jax.rewards.normalize import normalize
-
     signal.signal(signal.SIGPROF, _on_cpu_timer)
     for response, refs in _WARM_UP:
         grade_row({"id": 0, "response": response, "refs": refs, "template": "qwen_math"}, 60.0)

@@ -23,9 +23,10 @@ from r1zero_jax.rewards.normalize import (
 )
 
 MAX_ITEMS = 32  # elements of a tuple/set/matrix compared
-# Exact references: a difference sympy cannot tell from 0 at this many digits is 0. Values reach
-# 10^{-MAX_RESULT_DIGITS}, so a real difference is always seen, even e^{\pi\sqrt{163}} - 262537412640768744
-# (about 7.5e-13, relative 3e-30), which a fixed-precision comparison takes for 0.
+# Exact references: a difference sympy cannot tell from 0 at this many digits is 0. Parsed values
+# reach 10^{-MAX_RESULT_DIGITS}, so a real difference is always seen, even
+# e^{\pi\sqrt{163}} - 262537412640768744 (about -7.5e-13, relative 3e-30), which a fixed-precision
+# comparison takes for 0.
 _ZERO_TEST_DIGITS = MAX_RESULT_DIGITS + 100
 _SYMBOLIC_TOL = Fraction(1, 10**12)  # expressions in free symbols, compared at sample points
 _WORD = re.compile(r"[a-zA-Z]+(?: [a-zA-Z]+)*")  # a text answer: compared case-insensitively
@@ -162,7 +163,7 @@ def _exprs_equal(pred: sympy.Expr, ref: sympy.Expr, ref_tol: Fraction) -> bool:
     if pred.is_Rational and ref.is_Rational:  # exactly, also at a decimal's half-unit boundary
         return abs(pred - ref) < sympy.Rational(ref_tol.numerator, ref_tol.denominator) * abs(ref)
     bad = (sympy.nan, sympy.zoo)
-    if any(e.has(*bad) for e in (pred, ref)) or any(e.has(sympy.oo, -sympy.oo) for e in (pred, ref)):
+    if any(e.has(*bad, sympy.oo, -sympy.oo) for e in (pred, ref)):
         return False  # infinities only match structurally (pred == ref above)
     syms = sorted(pred.free_symbols | ref.free_symbols, key=lambda s: s.name)
     try:
@@ -172,7 +173,8 @@ def _exprs_equal(pred: sympy.Expr, ref: sympy.Expr, ref_tol: Fraction) -> bool:
             return _exactly_equal(pred, ref)
         for base, step in _POINTS:
             pt = {s: sympy.Float(base + step * k, 30) for k, s in enumerate(syms)}
-            if not _close(pred.evalf(30, subs=pt), ref.evalf(30, subs=pt), max(ref_tol, _SYMBOLIC_TOL)):
+            tol = max(ref_tol, _SYMBOLIC_TOL)
+            if not _close(pred.evalf(30, subs=pt), ref.evalf(30, subs=pt), tol):
                 return False
     except (TypeError, ValueError, ZeroDivisionError, OverflowError):
         return False

@@ -110,7 +110,7 @@ def _unwrap_text(s: str) -> str:
 
 
 def _repeating_to_fraction(m: re.Match) -> str:
-    """0.1\\overline{6} -> \\frac{1}{6}-style exact text (a.b(c) = (abc - ab) / (10^|b| (10^|c| - 1)))."""
+    """0.1\\overline{6} -> exact fraction text: a.b(c) = (abc - ab) / (10^|b| (10^|c| - 1))."""
     whole, fixed, rep = m.group(1) or "0", m.group(2), m.group(3)
     num = int(whole + fixed + rep) - int(whole + fixed)
     den = 10 ** len(fixed) * (10 ** len(rep) - 1)
@@ -120,7 +120,7 @@ def _repeating_to_fraction(m: re.Match) -> str:
 @lru_cache(maxsize=65_536)
 def normalize(answer: str) -> Norm:
     """Canonical spelling of an answer for string comparison (and for the parser). Hedge words
-    ("or", "and", ";", \\lor) become commas, so a hedge is a list and cannot equal a single value."""
+    ("or", "and", ";", \\lor) become commas: a hedge is a list, never equal to a single value."""
     s = answer.strip()
     if len(s) > MAX_ANSWER_CHARS:
         return Norm(s, False)

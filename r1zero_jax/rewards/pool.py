@@ -30,13 +30,15 @@ from r1zero_jax.rewards.templates import check_template
 
 log = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_S = 120.0  # wall time for the server to import and warm up sympy, or a worker to fork
+STARTUP_TIMEOUT_S = 120.0  # wall time for the server to import and warm up, or a worker to fork
 KILL_GRACE_S = 1.0  # CPU time past the budget before the pool kills a worker stuck in C code
 # A row that has not finished after this much wall time (a stopped or starved worker) counts as a
 # worker death; far above any CPU budget, so load alone never reaches it.
 WALL_LIMIT_S = 300.0
 WINDOW = 4  # rows queued per worker: it never waits for the pool, and a death re-queues few
-MAX_SERVER_FAILURES = 3  # consecutive server starts that never got ready: the install is broken
+# Consecutive server deaths with no worker ready in between: before any worker of the pool was ever
+# ready, the install is broken (raise); later, the pool backs off and keeps trying.
+MAX_SERVER_FAILURES = 3
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -171,6 +173,7 @@ class GraderPool:
         self.timeouts = self.worker_deaths = self.start_failures = self.server_restarts = 0
         self._lock = threading.Lock()
         self._server_failures = 0
+        self._ever_ready = False
         self._server: _Server | None = _Server(timeout_s)
         self._workers = [self._server.spawn() for _ in range(workers or default_workers())]
         self._closed = False
@@ -235,8 +238,11 @@ class GraderPool:
             self._server_failures += 1
             log.warning("grader server exited (code %s); restarting it", code)
             if self._server_failures >= MAX_SERVER_FAILURES:
-                raise RuntimeError(f"grader server exited {self._server_failures} times before it "
-                                   f"was ready (last exit code {code}): is the install broken?")
+                if not self._ever_ready:
+                    raise RuntimeError(
+                        f"grader server exited {self._server_failures} times before any worker "
+                        f"started (last exit code {code}): is the install broken?")
+                time.sleep(min(0.1 * 2 ** self._server_failures, 10.0))
         self._server = _Server(self.timeout_s)
         self.server_restarts += 1
 
@@ -257,7 +263,9 @@ class GraderPool:
         self._ensure_server()
         self._workers[self._workers.index(w)] = self._server.spawn()
 
-    def _died(self, w: _Worker, pending: deque, results: list, deaths: dict) -> None:
+    def _died(self, w: _Worker, pending: deque, results: list, deaths: dict, *,
+              penalise: bool = True) -> None:
+        """`w` is gone: count, log, replace it. `penalise`: its first row may have killed it."""
         if w.ready:
             self.worker_deaths += 1
             log.warning("grader worker %s died with %d rows queued (%d deaths in this pool)",
@@ -265,7 +273,7 @@ class GraderPool:
         else:
             self.start_failures += 1
             log.warning("grader worker died before it was ready (%d so far)", self.start_failures)
-        self._replace(w, pending, results, penalise=w.ready, deaths=deaths)
+        self._replace(w, pending, results, penalise=penalise and w.ready, deaths=deaths)
 
     def _on_message(self, w: _Worker, m: dict, pending: deque, results: list, deaths: dict) -> bool:
         """Handle one message; False when the worker was retired."""
@@ -273,6 +281,7 @@ class GraderPool:
             w.ready, w.pid = True, m["pid"]
             w.start_row(m["cpu"])
             self._server_failures = 0
+            self._ever_ready = True
             return True
         if not w.inflight or m.get("id") != w.inflight[0]:
             self._died(w, pending, results, deaths)  # out of protocol: treat as broken
@@ -343,7 +352,8 @@ class GraderPool:
                     w.inflight.append(i)
                     w.out += encode(i)
                 if w.out and not w.flush():
-                    self._died(w, pending, results, deaths)
+                    # Found dead while idle: the rows just sent never ran there.
+                    self._died(w, pending, results, deaths, penalise=False)
             now = time.monotonic()
             wake = min((self._check_time(w, now, pending, results, deaths)
                         for w in list(self._workers)), default=now + 1.0)

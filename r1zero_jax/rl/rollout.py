@@ -27,7 +27,7 @@ class RolloutBatch:
     answers: list[Any]
     correct: np.ndarray | None = None  # bool [R], set by `grade`
     rewards: np.ndarray | None = None  # float32 [R], truncated responses get 0
-    grader_timed_out: np.ndarray | None = None  # bool [R] scored 0 for using up the grading CPU budget
+    grader_timed_out: np.ndarray | None = None  # bool [R] scored 0: grading CPU budget used up
     grader_worker_deaths: int = 0  # grader workers lost while grading this batch, set by `grade`
 
     @property
