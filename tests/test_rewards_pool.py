@@ -216,8 +216,10 @@ def test_workers_killed_before_they_are_ready_are_replaced():
         finally:
             stop.set()
             t.join()
-        assert [r.reward for r in res] == want
-        # ... and the server itself, once it is serving
+        # A worker that got ready before the killer saw it may die mid-row: twice is a 0.
+        assert all(r.reward == w or r.reason == "worker died" for r, w in zip(res, want))
+        assert sum(r.reason == "worker died" for r in res) <= 3
+        # ... and the server itself, once it is serving (idle workers killed cost no row)
         os.kill(p.server_pid(), signal.SIGKILL)
         for pid in p.worker_pids():
             os.kill(pid, signal.SIGKILL)
@@ -287,20 +289,21 @@ def test_a_stopped_worker_is_replaced_and_its_row_graded_elsewhere(monkeypatch):
 
 
 def test_rewards_do_not_depend_on_machine_load():
-    """Issue 14: the same 2,000 responses, graded idle and with more CPU-bound processes than cores
-    running, get identical rewards. The bound is CPU time: expensive correct answers (~0.2 s of CPU
-    each, a 0.5 s budget) pass under load, and ones far over budget time out both times."""
+    """Issue 14: the same 2,000 responses, graded idle and with a CPU-bound process on every core,
+    get identical rewards. The bound is CPU time: expensive correct answers (~0.2 s of CPU
+    each, a 0.5 s budget) pass under load, and ones far over it (~2 s) time out both times."""
     items = [f"\\sqrt{{{k}}}+\\frac{{\\pi}}{{{k + 1}}}x^{{{k}}}+\\frac{{{k}}}{{x+{k}}}"
              for k in range(2, 34)]
     heavy_pred = "\\boxed{\\{" + ",".join(items) + "\\}}"
     heavy_ref = "\\{" + ",".join(reversed(items)) + "\\}"
-    # 28 values that are exactly k - 1/2, each proved to 2,100 digits: seconds of CPU
-    cos7 = "\\cos(\\frac{2\\pi}{7})+\\cos(\\frac{4\\pi}{7})+\\cos(\\frac{6\\pi}{7})"
-    over_pred = "\\boxed{\\{" + ",".join(f"{cos7}+{k}" for k in range(1, 29)) + "\\}}"
-    over_ref = "\\{" + ",".join(f"{k}-\\frac{{1}}{{2}}" for k in range(28, 0, -1)) + "\\}"
-    responses, refs, _ = _sympy_rows(488, seed=2)
-    responses += [f"The answer is \\boxed{{{k % 97}}}." for k in range(1_500)]
-    refs += [str(k % 89) for k in range(1_500)]
+    # 20 values that differ only past their 1,500th digit, matched pairwise: ~2 s of CPU
+    close = [f"\\cos(\\frac{{2\\pi}}{{7}})+\\cos(\\frac{{4\\pi}}{{7}})+{k}\\cdot10^{{-1500}}"
+             for k in range(1, 21)]
+    over_pred = "\\boxed{\\{" + ",".join(close) + "\\}}"
+    over_ref = "\\{" + ",".join(reversed(close)) + "\\}"
+    responses, refs, _ = _sympy_rows(288, seed=2)
+    responses += [f"The answer is \\boxed{{{k % 97}}}." for k in range(1_700)]
+    refs += [str(k % 89) for k in range(1_700)]
     responses += [heavy_pred] * 10 + [over_pred] * 2
     refs += [heavy_ref] * 10 + [over_ref] * 2
     order = random.Random(3).sample(range(len(responses)), len(responses))
@@ -312,7 +315,7 @@ def test_rewards_do_not_depend_on_machine_load():
 
     idle = run()
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-               for _ in range(2 * (os.cpu_count() or 2))]
+               for _ in range(os.cpu_count() or 2)]  # every core busy
     try:
         loaded = run()
     finally:
@@ -346,3 +349,33 @@ def test_step_metrics_count_grading_timeouts_and_lost_workers():
     assert rb.rewards.tolist() == [0.0, 1.0, 0.0, 0.0]
     m = rollout_metrics(rb, group_size=2)
     assert m["grader_timeouts"] == 1 and m["grader_worker_deaths"] == 1
+
+
+def _refuse(*args, **kwargs):
+    raise BlockingIOError  # a fork server whose request queue stays full
+
+
+def test_workers_that_can_never_start_back_off_then_raise(monkeypatch, caplog):
+    """A server that cannot hand out workers (here: the socket refuses every request) must not
+    spin: the pool backs off, logs a few lines, and gives up loudly after STARTUP_TIMEOUT_S."""
+    monkeypatch.setattr(pool_module, "STARTUP_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(pool_module.socket, "send_fds", _refuse)
+    t = time.perf_counter()
+    with GraderPool(workers=2) as p:
+        with pytest.raises(RuntimeError, match="(no grader worker could start|before any worker)"):
+            p.grade(["\\boxed{1}"], ["1"])
+        assert p.start_failures < 40
+    assert time.perf_counter() - t < 15
+    assert len(caplog.messages) < 30
+
+
+def test_a_pool_that_worked_raises_only_after_startup_timeout_without_workers(monkeypatch):
+    monkeypatch.setattr(pool_module, "STARTUP_TIMEOUT_S", 3.0)
+    with GraderPool(workers=1) as p:
+        assert p.grade(["\\boxed{1}"], ["1"])[0].reward == 1.0
+        monkeypatch.setattr(pool_module.socket, "send_fds", _refuse)
+        os.kill(p.worker_pids()[0], signal.SIGKILL)
+        t = time.perf_counter()
+        with pytest.raises(RuntimeError, match="no grader worker could start"):
+            p.grade(["\\boxed{1}"], ["1"])
+        assert 3.0 < time.perf_counter() - t < 20 and p.start_failures < 40

@@ -23,11 +23,11 @@ from r1zero_jax.rewards.normalize import (
 )
 
 MAX_ITEMS = 32  # elements of a tuple/set/matrix compared
-# Exact references: a difference sympy cannot tell from 0 at this many digits is 0. Parsed values
-# reach 10^{-MAX_RESULT_DIGITS}, so a real difference is always seen, even
-# e^{\pi\sqrt{163}} - 262537412640768744 (about -7.5e-13, relative 3e-30), which a fixed-precision
-# comparison takes for 0.
+# Exact references: two closed forms that agree to this many digits are equal. Parsed values reach
+# 10^{-MAX_RESULT_DIGITS}, so a real difference is seen, even e^{\pi\sqrt{163}} - 262537412640768744
+# (about -7.5e-13, relative 3e-30), which a fixed-precision comparison takes for 0.
 _ZERO_TEST_DIGITS = MAX_RESULT_DIGITS + 100
+_ZERO_TEST_STEPS = (15, 60, 300, _ZERO_TEST_DIGITS)  # most unequal pairs part at 15 digits
 _SYMBOLIC_TOL = Fraction(1, 10**12)  # expressions in free symbols, compared at sample points
 _WORD = re.compile(r"[a-zA-Z]+(?: [a-zA-Z]+)*")  # a text answer: compared case-insensitively
 _PM = ("\\pm", "\\mp")
@@ -147,13 +147,21 @@ def _close(vx: sympy.Expr, vy: sympy.Expr, tol: Fraction) -> bool:
 
 
 def _exactly_equal(x: sympy.Expr, y: sympy.Expr) -> bool:
-    """x == y for closed-form numbers: their difference evaluates to 0 (or to nothing sympy can
-    tell from 0 at _ZERO_TEST_DIGITS digits)."""
-    try:
-        d = (x - y).evalf(15, maxn=_ZERO_TEST_DIGITS, strict=True)
-    except PrecisionExhausted:
-        return True
-    return d == 0
+    """x == y for closed-form numbers: each side evaluated to n correct digits, n rising to
+    _ZERO_TEST_DIGITS, and no n tells them apart. A side that cannot be evaluated (even a
+    roundabout 0, like (\\sqrt2+\\sqrt3)^2-5-2\\sqrt6, whose digits never settle) equals nothing:
+    a miss, never a false match. (Asking sympy for the digits of x - y instead takes a failure to
+    evaluate \\sin(10^{1999}) - \\frac12 for a 0.)"""
+    for n in _ZERO_TEST_STEPS:
+        try:
+            vx, vy = (side.evalf(n, maxn=_ZERO_TEST_DIGITS + n, strict=True) for side in (x, y))
+        except PrecisionExhausted:
+            return False
+        if not (vx.is_number and vy.is_number):
+            return False
+        if abs(vx - vy) > max(abs(vx), abs(vy)) * sympy.Float(10, n) ** (3 - n):
+            return False
+    return True
 
 
 def _exprs_equal(pred: sympy.Expr, ref: sympy.Expr, ref_tol: Fraction) -> bool:

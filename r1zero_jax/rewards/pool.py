@@ -10,13 +10,16 @@ that kills two workers scores 0. Every row is answered, in order.
 """
 
 import atexit
+import fcntl
 import json
 import logging
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections import deque
@@ -70,9 +73,29 @@ class _Worker:
         self.out = bytearray()
         self.buf = b""
         self.inflight: deque[int] = deque()  # row indices sent, in order; the first is running
+        self.sizes: deque[int] = deque()  # their encoded sizes in bytes
         self.cpu_mark = 0.0  # the worker's CPU time when its first in-flight row started
         self.row_wall = 0.0  # monotonic time when that row started
         self.next_check = 0.0
+
+    def queue(self, i: int, data: bytes) -> None:
+        self.inflight.append(i)
+        self.sizes.append(len(data))
+        self.out += data
+
+    def answered(self) -> int:
+        self.sizes.popleft()
+        return self.inflight.popleft()
+
+    def read_any(self) -> bool:
+        """Whether the worker read any of the rows written to it: one found dead with all of them
+        still in its pipe died of something else (killed while idle), not of its first row."""
+        written = sum(self.sizes) - len(self.out)
+        try:
+            unread = struct.unpack("i", fcntl.ioctl(self.wfd, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:
+            return True
+        return unread < written
 
     def start_row(self, cpu: float) -> None:
         self.cpu_mark, self.row_wall = cpu, time.monotonic()
@@ -173,6 +196,7 @@ class GraderPool:
         self.timeouts = self.worker_deaths = self.start_failures = self.server_restarts = 0
         self._lock = threading.Lock()
         self._server_failures = 0
+        self._failed_starts, self._failing_since = 0, 0.0  # the current run of failed starts
         self._ever_ready = False
         self._server: _Server | None = _Server(timeout_s)
         self._workers = [self._server.spawn() for _ in range(workers or default_workers())]
@@ -249,6 +273,7 @@ class GraderPool:
     def _replace(self, w: _Worker, pending: deque, results: list, *, penalise: bool,
                  deaths: dict) -> None:
         """Kill `w`, put its unanswered rows back in front of the queue, fork a new worker."""
+        penalise = penalise and w.read_any()
         w.kill()
         rows = list(w.inflight)
         if rows and penalise:
@@ -271,22 +296,42 @@ class GraderPool:
             log.warning("grader worker %s died with %d rows queued (%d deaths in this pool)",
                         w.pid, len(w.inflight), self.worker_deaths)
         else:
-            self.start_failures += 1
-            log.warning("grader worker died before it was ready (%d so far)", self.start_failures)
+            self._failed_start()
         self._replace(w, pending, results, penalise=penalise and w.ready, deaths=deaths)
+
+    def _failed_start(self) -> None:
+        """A worker died before it was ready. Killed ones are replaced at once; a run of failures
+        (a server that cannot fork, say under memory pressure) backs off, restarts the server every
+        8 failures, and raises after STARTUP_TIMEOUT_S: then no row can be graded at all."""
+        self.start_failures += 1
+        now = time.monotonic()
+        if not self._failing_since:
+            self._failing_since = now
+        n = self._failed_starts = self._failed_starts + 1
+        if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: a streak does not flood the log
+            log.warning("grader worker died before it was ready (%d in a row, %d in this pool)",
+                        n, self.start_failures)
+        if now - self._failing_since > STARTUP_TIMEOUT_S:
+            raise RuntimeError(f"no grader worker could start for {STARTUP_TIMEOUT_S:.0f} s "
+                               f"({n} attempts)")
+        if n % 8 == 0:
+            self._server.proc.kill()  # _ensure_server starts a new one
+        if n > 1:
+            time.sleep(min(0.01 * 2 ** n, 1.0))
 
     def _on_message(self, w: _Worker, m: dict, pending: deque, results: list, deaths: dict) -> bool:
         """Handle one message; False when the worker was retired."""
         if m.get("ready"):
             w.ready, w.pid = True, m["pid"]
             w.start_row(m["cpu"])
-            self._server_failures = 0
+            self._server_failures = self._failed_starts = 0
+            self._failing_since = 0.0
             self._ever_ready = True
             return True
         if not w.inflight or m.get("id") != w.inflight[0]:
             self._died(w, pending, results, deaths)  # out of protocol: treat as broken
             return False
-        i = w.inflight.popleft()
+        i = w.answered()
         reason = m["reason"]
         results[i] = GradeResult(float(m["ok"]), m["extracted"], reason == "timeout", reason)
         w.start_row(m["cpu"])
@@ -318,7 +363,7 @@ class GraderPool:
         cpu = _cpu_seconds(w.pid)
         used = wall if cpu is None else cpu - w.cpu_mark
         if used > limit:
-            i = w.inflight.popleft()
+            i = w.answered()
             log.warning("row %d ran past its CPU budget in uninterruptible code; worker killed", i)
             results[i] = GradeResult(0.0, None, True, "timeout")
             self.timeouts += 1
@@ -349,8 +394,7 @@ class GraderPool:
                         continue
                     if not w.inflight:
                         w.start_row(w.cpu_mark)  # idle until now: the row's clock starts here
-                    w.inflight.append(i)
-                    w.out += encode(i)
+                    w.queue(i, encode(i))
                 if w.out and not w.flush():
                     # Found dead while idle: the rows just sent never ran there.
                     self._died(w, pending, results, deaths, penalise=False)
