@@ -371,6 +371,7 @@ def test_workers_that_can_never_start_back_off_then_raise(monkeypatch, caplog):
 
 def test_a_pool_that_worked_raises_only_after_startup_timeout_without_workers(monkeypatch):
     monkeypatch.setattr(pool_module, "STARTUP_TIMEOUT_S", 3.0)
+    send_fds = pool_module.socket.send_fds
     with GraderPool(workers=1) as p:
         assert p.grade(["\\boxed{1}"], ["1"])[0].reward == 1.0
         monkeypatch.setattr(pool_module.socket, "send_fds", _refuse)
@@ -379,3 +380,5 @@ def test_a_pool_that_worked_raises_only_after_startup_timeout_without_workers(mo
         with pytest.raises(RuntimeError, match="no grader worker could start"):
             p.grade(["\\boxed{1}"], ["1"])
         assert 3.0 < time.perf_counter() - t < 20 and p.start_failures < 40
+        monkeypatch.setattr(pool_module.socket, "send_fds", send_fds)  # the cause goes away
+        assert p.grade(["\\boxed{1}", "\\boxed{2}"], ["1", "1"])[0].reward == 1.0

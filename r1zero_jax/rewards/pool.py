@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -69,6 +70,7 @@ class _Worker:
         os.set_blocking(self.wfd, False)
         self.pid: int | None = None  # known once it reports ready
         self.ready = False
+        self.closed = False  # killed, its fds closed: it is replaced before the pool polls again
         self.spawned = time.monotonic()
         self.out = bytearray()
         self.buf = b""
@@ -129,9 +131,13 @@ class _Worker:
             return None  # not our protocol: treated as a dead worker
 
     def kill(self) -> None:
+        """Idempotent: a second call must not signal a reused pid or close a reused fd."""
+        if self.closed:
+            return
+        self.closed = True
         if self.pid is not None:
             try:
-                os.kill(self.pid, 9)
+                os.kill(self.pid, signal.SIGKILL)
             except OSError:
                 pass
         for fd in (self.wfd, self.rfd):
@@ -222,7 +228,7 @@ class GraderPool:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the workers that have reported ready."""
-        return [w.pid for w in self._workers if w.pid is not None]
+        return [w.pid for w in self._workers if w.pid is not None and not w.closed]
 
     def server_pid(self) -> int | None:
         return self._server.proc.pid if self._server is not None else None
@@ -234,7 +240,7 @@ class GraderPool:
         check_template(template)
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
-        rows: list[tuple[str, list[str]] | None] = []
+        rows: list[tuple[str, list[str]]] = []
         results: list[GradeResult | None] = [None] * len(responses)
         for i, (resp, ans) in enumerate(zip(responses, answers)):
             if not isinstance(resp, str):
@@ -385,6 +391,11 @@ class GraderPool:
             task = {"id": i, "response": rows[i][0], "refs": rows[i][1], "template": template}
             return (json.dumps(task) + "\n").encode()
 
+        self._failed_starts, self._failing_since = 0, 0.0  # each call gets STARTUP_TIMEOUT_S
+        for k, w in enumerate(self._workers):
+            if w.closed:  # a previous call raised while replacing it
+                self._ensure_server()
+                self._workers[k] = self._server.spawn()
         while pending or any(w.inflight for w in self._workers):
             self._ensure_server()
             for w in list(self._workers):
