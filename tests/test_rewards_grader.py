@@ -101,7 +101,8 @@ def test_traps(pred, ref, want):
     # near-integers are not integers
     ("e^{\\pi\\sqrt{163}}", "262537412640768744", False),
     ("e^{\\pi\\sqrt{163}}", "e^{\\pi\\sqrt{163}}", True),
-    ("(\\sqrt{2}+\\sqrt{3})^2", "5+2\\sqrt{6}", True),
+    ("(\\sqrt{2}+\\sqrt{3})^2", "5+2\\sqrt{6}", True), ("\\sin(10^{1999})", "\\frac12", False),
+    ("\\sin^2 x+\\cos^2 x-1", "0", True),
 ])
 def test_issue14_examples(pred, ref, want):
     assert is_equiv(pred, ref) is want

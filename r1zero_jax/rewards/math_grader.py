@@ -28,7 +28,10 @@ MAX_ITEMS = 32  # elements of a tuple/set/matrix compared
 # (about -7.5e-13, relative 3e-30), which a fixed-precision comparison takes for 0.
 _ZERO_TEST_DIGITS = MAX_RESULT_DIGITS + 100
 _ZERO_TEST_STEPS = (15, 60, 300, _ZERO_TEST_DIGITS)  # most unequal pairs part at 15 digits
-_SYMBOLIC_TOL = Fraction(1, 10**12)  # expressions in free symbols, compared at sample points
+# Expressions in free symbols are compared at sample points, at 30 digits: rounding noise, not a
+# difference, below these (\sin^2 x + \cos^2 x - 1 evaluates to about 1e-31, not 0).
+_SYMBOLIC_TOL = Fraction(1, 10**12)
+_SYMBOLIC_FLOOR = 1e-20
 _WORD = re.compile(r"[a-zA-Z]+(?: [a-zA-Z]+)*")  # a text answer: compared case-insensitively
 _PM = ("\\pm", "\\mp")
 _SIMPLE_LHS = re.compile(r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\w+|_\{\w+\})?(?:\([a-zA-Z,]*\))?")
@@ -133,13 +136,14 @@ def _parse(text: str) -> Parsed | None:
         return None
 
 
-def _close(vx: sympy.Expr, vy: sympy.Expr, tol: Fraction) -> bool:
-    """|x - y| < tol * |y| for two evaluated numbers; past float range, through their ratio."""
+def _close(vx: sympy.Expr, vy: sympy.Expr, tol: Fraction, floor: float = 0.0) -> bool:
+    """|x - y| < tol * |y| (or <= floor) for two evaluated numbers; past float range, through
+    their ratio."""
     x, y, tol = complex(vx), complex(vy), float(tol)
     if cmath.isnan(x) or cmath.isnan(y):
         return False
     if cmath.isfinite(x) and cmath.isfinite(y):
-        return abs(x - y) < tol * abs(y) or x == y
+        return abs(x - y) < tol * abs(y) or abs(x - y) <= floor
     if vy == 0:
         return False
     ratio = complex((vx / vy).evalf(30))
@@ -182,7 +186,7 @@ def _exprs_equal(pred: sympy.Expr, ref: sympy.Expr, ref_tol: Fraction) -> bool:
         for base, step in _POINTS:
             pt = {s: sympy.Float(base + step * k, 30) for k, s in enumerate(syms)}
             tol = max(ref_tol, _SYMBOLIC_TOL)
-            if not _close(pred.evalf(30, subs=pt), ref.evalf(30, subs=pt), tol):
+            if not _close(pred.evalf(30, subs=pt), ref.evalf(30, subs=pt), tol, _SYMBOLIC_FLOOR):
                 return False
     except (TypeError, ValueError, ZeroDivisionError, OverflowError):
         return False
