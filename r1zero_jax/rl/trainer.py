@@ -111,7 +111,7 @@ def evaluate(model, rows: list[dict], tokenizer, cfg: RunConfig, mesh, pool) -> 
     encode = make_encoder(tokenizer)
     prompts = encode([apply_template(template, r["problem"]) for r in rows])
     keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_tokens]
-    correct, lengths, truncated, timeouts = [], [], [], 0
+    correct, lengths, truncated = [], [], []
     for start in range(0, len(keep), e.batch_size):
         idx = keep[start:start + e.batch_size]
         # Pad the last batch to the full size so only one shape compiles.
@@ -124,12 +124,11 @@ def evaluate(model, rows: list[dict], tokenizer, cfg: RunConfig, mesh, pool) -> 
         correct += list(rb.rewards[:k] > 0)
         lengths += list(rb.lengths[:k])
         truncated += list(rb.truncated[:k])
-        timeouts += int(rb.grader_timed_out[:k].sum())
     n = len(correct)
     return {"accuracy": float(np.mean(correct)) if n else 0.0,
             "response_length": float(np.mean(lengths)) if n else 0.0,
             "truncation_rate": float(np.mean(truncated)) if n else 0.0,
-            "n": n, "skipped": len(rows) - len(keep), "grader_timeouts": timeouts}
+            "n": n, "skipped": len(rows) - len(keep)}
 
 
 # ---------------------------------------------------------------------------------------------
