@@ -128,7 +128,8 @@ def test_normalisation_is_fast_on_hostile_text():
     hostile = ["1 " + "m" * n + "!", "1" + " m" * (n // 2) + "!", "1" * n + "x", "1," * (n // 2) + "x",
                "\\text{" * (n // 6), "1 " + "cm " * (n // 3) + "!", "1" + "\\," * (n // 2) + "x",
                "\\frac{" * (n // 6), "1 or " * (n // 5), "9 \\text{" + " or" * (n // 4),
-               "0." + "1" * (n - 20) + "\\overline{3}", "1\\pm" * (n // 4)]
+               "0." + "1" * (n - 20) + "\\overline{3}", "1\\pm" * (n // 4),
+               "1 \\text{" + "ab  " * (n // 5) + "1}", "1 \\text{" + "m/" * (n // 3) + "!}"]
     for text in hostile:
         normalize.cache_clear()
         t = time.perf_counter()
