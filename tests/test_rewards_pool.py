@@ -257,10 +257,11 @@ def test_a_worker_killed_every_half_second_over_5000_rows(caplog):
             t.join()
         deaths = p.worker_deaths
     assert len(res) == 5000 and all(r is not None for r in res)
-    assert [r.extracted for r in res] == [s[s.index("{") + 1 : -1] for s in responses]  # in order
-    lost = [k for k, r in enumerate(res) if r.reason == "worker died"]
+    lost = {k for k, r in enumerate(res) if r.reason == "worker died"}  # two kills hit its row
     assert len(lost) <= 10
     kept = [k for k in range(len(res)) if k not in lost]
+    boxed = [s[s.index("{") + 1 : -1] for s in responses]
+    assert [res[k].extracted for k in kept] == [boxed[k] for k in kept]  # each row its own answer
     assert [res[k].reward for k in kept] == [want[k] for k in kept]
     assert len(kills) >= 4 and deaths >= len(kills) - 2  # a kill may land between two batches
     assert sum("grader worker" in m and "died" in m for m in caplog.messages) >= deaths
