@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from r1zero_jax.rewards import GraderPool, extract_answer, is_equiv, math_grader  # noqa: E402
 from r1zero_jax.rewards.normalize import normalize  # noqa: E402
+from r1zero_jax.rewards.pool import default_workers  # noqa: E402
 
 
 def clear_caches() -> None:
@@ -170,7 +171,7 @@ def main() -> None:
             clear_caches()
             t = time.perf_counter()
             with GraderPool(a.workers) as pool:
-                n = len(pool._workers)
+                n = a.workers or default_workers()
                 pool.grade(["\\boxed{x}"] * n, ["x+0"] * n)  # wait for the workers to be up
                 start_s = time.perf_counter() - t
                 runs.append(run_pool(pool, rows) + (start_s,))

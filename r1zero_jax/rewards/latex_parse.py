@@ -9,8 +9,11 @@ whose value would be huge (exponent towers, big factorials) before sympy evaluat
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 import sympy
+
+from r1zero_jax.rewards.normalize import MAX_EXPONENT as MAX_LITERAL_EXPONENT, decimal_tolerance
 
 MAX_TOKENS = 400
 MAX_DEPTH = 60  # bracket nesting; deeper input is refused before recursion
@@ -31,7 +34,7 @@ class TooBig(ParseError):
 @dataclass(frozen=True)
 class Parsed:
     expr: sympy.Expr
-    inexact: bool  # a decimal literal was seen: compare with a relative tolerance
+    rel_tol: Fraction  # as a reference: its least precise decimal literal's tolerance (0: exact)
 
 
 _TOKEN = re.compile(
@@ -81,18 +84,19 @@ def tokenize(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _number(text: str) -> tuple[sympy.Expr, bool]:
-    """Exact rational value of a decimal literal, and whether it had a decimal point/exponent."""
+def _number(text: str) -> tuple[sympy.Expr, bool, Fraction]:
+    """Exact rational value of a decimal literal, whether it had a decimal point/exponent, and the
+    relative tolerance it allows as a reference."""
     mant, _, exp = text.lower().partition("e")
     whole, _, frac = mant.partition(".")
     if len(whole) + len(frac) > MAX_DIGITS:
         raise TooBig("literal too long")
     e = int(exp) if exp else 0
-    if abs(e) > 400:
+    if abs(e) > MAX_LITERAL_EXPONENT:
         raise TooBig("literal exponent too large")
     value = sympy.Rational(int(whole or "0") * 10 ** len(frac) + int(frac or "0"), 10 ** len(frac))
     value = value * sympy.Rational(10) ** e
-    return value, bool(frac or exp or "." in mant)
+    return value, bool(frac or exp or "." in mant), decimal_tolerance(whole, frac)
 
 
 def _tower(e: sympy.Expr) -> int:
@@ -118,7 +122,7 @@ class _Parser:
     def __init__(self, tokens):
         self.toks = tokens
         self.i = 0
-        self.inexact = False
+        self.rel_tol = Fraction(0)
         self.abs_depth = 0
 
     def peek(self, k=0):
@@ -229,9 +233,9 @@ class _Parser:
     def primary(self):
         kind, val = self.next()
         if kind == "num":
-            value, inexact = _number(val)
-            self.inexact |= inexact
-            if not inexact and self.peek()[1] == "\\frac" and self._mixed_fraction_ahead():
+            value, decimal, tol = _number(val)
+            self.rel_tol = max(self.rel_tol, tol)
+            if not decimal and self.peek()[1] == "\\frac" and self._mixed_fraction_ahead():
                 self.next()
                 return value + self.script() / self.script()  # mixed number 2\frac{1}{2}
             return value
@@ -343,4 +347,4 @@ def parse_latex(text: str) -> Parsed:
         expr = p.parse()
     except (ZeroDivisionError, OverflowError, RecursionError, TypeError) as e:
         raise ParseError(str(e)) from e
-    return Parsed(expr, p.inexact)
+    return Parsed(expr, p.rel_tol)

@@ -1,17 +1,26 @@
-"""Bounded grading: string/number fast path in the caller, sympy work in killable worker processes.
+"""Bounded grading in worker processes: every step that reads model text runs there.
 
-Workers are plain subprocesses (`python -m r1zero_jax.rewards._worker`), never forks of the
-trainer (which holds JAX threads), and they live as long as the pool, so a call costs no start-up.
-A call that runs past `timeout_s` has its worker killed and replaced; the response gets 0.
+Workers are forked by a server process (`_worker.py`) that the pool starts with `python -m`, so
+they never inherit the trainer's state, and a new one is ready in milliseconds. Each row gets a
+CPU-time budget (`timeout_s`, CPU seconds, not wall seconds, so a loaded machine does not turn
+slow-but-correct answers into zeros); the worker enforces it with a CPU timer, and the pool kills a
+worker whose row passes the budget without returning (a long call in C). Any worker death, at any
+moment, is survived: the worker is replaced, its unanswered rows go back to the queue, and a row
+that kills two workers scores 0. Every row is answered, in order.
 """
 
 import atexit
+import fcntl
 import json
 import logging
 import os
 import select
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections import deque
@@ -20,13 +29,21 @@ from dataclasses import dataclass
 
 import r1zero_jax
 from r1zero_jax import jsonl
-from r1zero_jax.rewards.extract import extract_answer
-from r1zero_jax.rewards.normalize import quick_verdict
+from r1zero_jax.rewards.extract import MAX_RESPONSE_CHARS
 from r1zero_jax.rewards.templates import check_template
 
 log = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_S = 120.0
+STARTUP_TIMEOUT_S = 120.0  # wall time for the server to import and warm up, or a worker to fork
+KILL_GRACE_S = 1.0  # CPU time past the budget before the pool kills a worker stuck in C code
+# A row that has not finished after this much wall time (a stopped or starved worker) counts as a
+# worker death; far above any CPU budget, so load alone never reaches it.
+WALL_LIMIT_S = 300.0
+WINDOW = 4  # rows queued per worker: it never waits for the pool, and a death re-queues few
+# Consecutive server deaths with no worker ready in between: before any worker of the pool was ever
+# ready, the install is broken (raise); later, the pool backs off and keeps trying.
+MAX_SERVER_FAILURES = 3
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True)
@@ -34,51 +51,134 @@ class GradeResult:
     reward: float  # 1.0 or 0.0
     extracted: str | None  # the answer found in the response
     timed_out: bool
+    reason: str = ""  # equal, not equal, hedge, no answer, timeout, worker died, memory, ...
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) of a process, from /proc; None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class _Worker:
-    def __init__(self):
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(r1zero_jax.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "r1zero_jax.rewards._worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
-        )
-        self.buf = b""
+    def __init__(self, to_worker: int, from_worker: int):
+        self.wfd, self.rfd = to_worker, from_worker
+        os.set_blocking(self.wfd, False)
+        self.pid: int | None = None  # known once it reports ready
         self.ready = False
-        self.started = time.monotonic()
-        self.task: int | None = None  # index of the response in flight
-        self.payload: tuple | None = None  # (index, pred, refs) of that response
-        self.deadline = 0.0
+        self.closed = False  # killed, its fds closed: it is replaced before the pool polls again
+        self.spawned = time.monotonic()
+        self.out = bytearray()
+        self.buf = b""
+        self.inflight: deque[int] = deque()  # row indices sent, in order; the first is running
+        self.sizes: deque[int] = deque()  # their encoded sizes in bytes
+        self.cpu_mark = 0.0  # the worker's CPU time when its first in-flight row started
+        self.row_wall = 0.0  # monotonic time when that row started
+        self.next_check = 0.0
 
-    def fileno(self) -> int:
-        return self.proc.stdout.fileno()
+    def queue(self, i: int, data: bytes) -> None:
+        self.inflight.append(i)
+        self.sizes.append(len(data))
+        self.out += data
 
-    def send(self, index: int, pred: str, refs: list[str], timeout_s: float) -> bool:
-        self.task, self.deadline = index, time.monotonic() + timeout_s
-        self.payload = (index, pred, refs)
+    def answered(self) -> int:
+        self.sizes.popleft()
+        return self.inflight.popleft()
+
+    def read_any(self) -> bool:
+        """Whether the worker read any of the rows written to it: one found dead with all of them
+        still in its pipe died of something else (killed while idle), not of its first row."""
+        written = sum(self.sizes) - len(self.out)
         try:
-            self.proc.stdin.write((json.dumps({"id": index, "pred": pred, "refs": refs}) + "\n").encode())
+            unread = struct.unpack("i", fcntl.ioctl(self.wfd, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:
             return True
-        except (BrokenPipeError, OSError):
+        return unread < written
+
+    def start_row(self, cpu: float) -> None:
+        self.cpu_mark, self.row_wall = cpu, time.monotonic()
+        self.next_check = 0.0
+
+    def flush(self) -> bool:
+        """Write what is queued without blocking; False when the worker is gone."""
+        try:
+            while self.out:
+                n = os.write(self.wfd, self.out)
+                del self.out[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
             return False
+        return True
 
     def read(self) -> list[dict] | None:
         """Messages now available, or None when the worker has exited."""
-        chunk = os.read(self.fileno(), 1 << 16)
+        try:
+            chunk = os.read(self.rfd, 1 << 16)
+        except OSError:
+            return None
         if not chunk:
             return None
         self.buf += chunk
         *lines, self.buf = self.buf.split(b"\n")
-        return [json.loads(line) for line in lines if line]
+        try:
+            return [json.loads(line) for line in lines if line]
+        except ValueError:
+            return None  # not our protocol: treated as a dead worker
 
     def kill(self) -> None:
-        for stream in (self.proc.stdin, self.proc.stdout):
+        """Idempotent: a second call must not signal a reused pid or close a reused fd."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.pid is not None:
             try:
-                stream.close()
+                os.kill(self.pid, signal.SIGKILL)
             except OSError:
                 pass
+        for fd in (self.wfd, self.rfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _Server:
+    """The fork server: one process that forks ready-to-grade workers on request."""
+
+    def __init__(self, cpu_budget_s: float):
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(r1zero_jax.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "r1zero_jax.rewards._worker", repr(cpu_budget_s)],
+            stdin=theirs, stdout=subprocess.DEVNULL, env=env,
+        )
+        theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+
+    def spawn(self) -> _Worker:
+        """A worker, forked once the server gets to the request; if it never does, its pipes close
+        (the pool then sees a failed start)."""
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        try:
+            socket.send_fds(self.sock, [b"F"], [to_r, from_w])
+        except OSError:  # gone, or stuck with a full queue: the next _ensure_server starts anew
+            self.proc.kill()
+        finally:
+            os.close(to_r)
+            os.close(from_w)
+        return _Worker(to_w, from_r)
+
+    def kill(self) -> None:
+        self.sock.close()
         self.proc.kill()
         self.proc.wait()
 
@@ -88,7 +188,10 @@ def default_workers() -> int:
 
 
 class GraderPool:
-    """Context manager grading batches of responses with a per-call wall-clock bound."""
+    """Context manager grading batches of responses, each row bounded by `timeout_s` CPU seconds.
+
+    Counters over the pool's life: `timeouts`, `worker_deaths` (workers that died holding rows),
+    `start_failures` (workers that died before reporting ready), `server_restarts`."""
 
     def __init__(self, workers: int | None = None, timeout_s: float = 2.0):
         if workers is not None and workers < 1:
@@ -96,10 +199,14 @@ class GraderPool:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
+        self.timeouts = self.worker_deaths = self.start_failures = self.server_restarts = 0
         self._lock = threading.Lock()
-        self._workers = [_Worker() for _ in range(workers or default_workers())]
-        self.timeouts = 0  # over the pool's life
-        self.crashes = 0
+        self._server_failures = 0
+        self._failed_starts, self._failing_since = 0, 0.0  # the current run of failed starts
+        self._ever_ready = False
+        self._server: _Server | None = _Server(timeout_s)
+        self._workers = [self._server.spawn() for _ in range(workers or default_workers())]
+        self._closed = False
 
     def __enter__(self) -> "GraderPool":
         return self
@@ -109,99 +216,221 @@ class GraderPool:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             for w in self._workers:
                 w.kill()
             self._workers = []
+            if self._server is not None:
+                self._server.kill()
+                self._server = None
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers that have reported ready."""
+        return [w.pid for w in self._workers if w.pid is not None and not w.closed]
+
+    def server_pid(self) -> int | None:
+        return self._server.proc.pid if self._server is not None else None
 
     def grade(self, responses: Sequence[str], answers: Sequence, template: str = "qwen_math"
               ) -> list[GradeResult]:
-        """One GradeResult per response; `answers[i]` is a string (or number) or a list of them."""
+        """One GradeResult per response, in order; `answers[i]` is a string (or number) or a list
+        of them. Raises only on bad arguments, never because of what a response contains."""
         check_template(template)
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
+        rows: list[tuple[str, list[str]]] = []
         results: list[GradeResult | None] = [None] * len(responses)
-        pending = deque()
         for i, (resp, ans) in enumerate(zip(responses, answers)):
             if not isinstance(resp, str):
                 raise TypeError(f"response {i} is {type(resp).__name__}, expected str")
-            refs = _references(ans, i)
-            pred = extract_answer(resp, template)
-            if pred is None:
-                results[i] = GradeResult(0.0, None, False)
-                continue
-            verdict = quick_verdict(pred, refs)
-            if verdict is None:
-                pending.append((i, pred, refs))
-            else:
-                results[i] = GradeResult(float(verdict), pred, False)
+            rows.append((resp, _references(ans, i)))
+            if len(resp) > MAX_RESPONSE_CHARS:  # not read at all: it earns nothing
+                results[i] = GradeResult(0.0, None, False, "too long")
+        pending = deque(i for i, r in enumerate(results) if r is None)
         if pending:
             with self._lock:
-                if not self._workers:
+                if self._closed:
                     raise RuntimeError("GraderPool is closed")
-                self._run(pending, results)
+                self._run(rows, template, pending, results)
         return results
 
-    def _ready_to_read(self, wait_s: float) -> list[_Worker]:
-        # poll, not select: a trainer process may hold file descriptors above select's 1024 limit
-        poller = select.poll()
-        by_fd = {w.fileno(): w for w in self._workers}
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        return [by_fd[fd] for fd, _ in poller.poll(wait_s * 1000)]
+    # -- the event loop ----------------------------------------------------------------------
 
-    def _replace(self, w: _Worker) -> None:
+    def _ensure_server(self) -> None:
+        if self._server is not None and self._server.proc.poll() is None:
+            return
+        if self._server is not None:
+            code = self._server.proc.returncode
+            self._server.kill()
+            self._server = None
+            self._server_failures += 1
+            log.warning("grader server exited (code %s); restarting it", code)
+            if self._server_failures >= MAX_SERVER_FAILURES:
+                if not self._ever_ready:
+                    raise RuntimeError(
+                        f"grader server exited {self._server_failures} times before any worker "
+                        f"started (last exit code {code}): is the install broken?")
+                time.sleep(min(0.1 * 2 ** self._server_failures, 10.0))
+        self._server = _Server(self.timeout_s)
+        self.server_restarts += 1
+
+    def _replace(self, w: _Worker, pending: deque, results: list, *, penalise: bool,
+                 deaths: dict) -> None:
+        """Kill `w`, put its unanswered rows back in front of the queue, fork a new worker."""
+        penalise = penalise and w.read_any()
         w.kill()
-        self._workers[self._workers.index(w)] = _Worker()
+        rows = list(w.inflight)
+        if rows and penalise:
+            head = rows.pop(0)
+            deaths[head] = deaths.get(head, 0) + 1
+            if deaths[head] >= 2:
+                log.warning("row %d killed two grader workers; scored 0", head)
+                results[head] = GradeResult(0.0, None, False, "worker died")
+            else:
+                rows.insert(0, head)
+        pending.extendleft(reversed(rows))
+        self._ensure_server()
+        self._workers[self._workers.index(w)] = self._server.spawn()
 
-    def _run(self, pending: deque, results: list) -> None:
-        preds = {i: p for i, p, _ in pending}
-        deaths = dict.fromkeys(preds, 0)
+    def _died(self, w: _Worker, pending: deque, results: list, deaths: dict, *,
+              penalise: bool = True) -> None:
+        """`w` is gone: count, log, replace it. `penalise`: its first row may have killed it."""
+        if w.ready:
+            self.worker_deaths += 1
+            log.warning("grader worker %s died with %d rows queued (%d deaths in this pool)",
+                        w.pid, len(w.inflight), self.worker_deaths)
+        else:
+            self._failed_start()
+        self._replace(w, pending, results, penalise=penalise and w.ready, deaths=deaths)
 
-        def finish(w: _Worker, ok: bool, timed_out: bool = False):
-            results[w.task] = GradeResult(float(ok), preds[w.task], timed_out)
-            w.task = None
+    def _failed_start(self) -> None:
+        """A worker died before it was ready. Killed ones are replaced at once; a run of failures
+        (a server that cannot fork, say under memory pressure) backs off, restarts the server every
+        8 failures, and raises after STARTUP_TIMEOUT_S: then no row can be graded at all."""
+        self.start_failures += 1
+        now = time.monotonic()
+        if not self._failing_since:
+            self._failing_since = now
+        n = self._failed_starts = self._failed_starts + 1
+        if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: a streak does not flood the log
+            log.warning("grader worker died before it was ready (%d in a row, %d in this pool)",
+                        n, self.start_failures)
+        if now - self._failing_since > STARTUP_TIMEOUT_S:
+            raise RuntimeError(f"no grader worker could start for {STARTUP_TIMEOUT_S:.0f} s "
+                               f"({n} attempts)")
+        if n % 8 == 0:
+            self._server.proc.kill()  # _ensure_server starts a new one
+        if n > 1:
+            time.sleep(min(0.01 * 2 ** n, 1.0))
 
-        while pending or any(w.task is not None for w in self._workers):
-            for w in self._workers:
-                while w.ready and w.task is None and pending:
-                    i, pred, refs = pending.popleft()
-                    if not w.send(i, pred, refs, self.timeout_s):
-                        pending.appendleft((i, pred, refs))
-                        self._replace(w)
-                        break
+    def _on_message(self, w: _Worker, m: dict, pending: deque, results: list, deaths: dict) -> bool:
+        """Handle one message; False when the worker was retired."""
+        if m.get("ready"):
+            w.ready, w.pid = True, m["pid"]
+            w.start_row(m["cpu"])
+            self._server_failures = self._failed_starts = 0
+            self._failing_since = 0.0
+            self._ever_ready = True
+            return True
+        if not w.inflight or m.get("id") != w.inflight[0]:
+            self._died(w, pending, results, deaths)  # out of protocol: treat as broken
+            return False
+        i = w.answered()
+        reason = m["reason"]
+        results[i] = GradeResult(float(m["ok"]), m["extracted"], reason == "timeout", reason)
+        w.start_row(m["cpu"])
+        if reason in ("timeout", "memory"):
+            # Interrupted mid-computation: sympy's caches may be half-written. A fresh worker.
+            self.timeouts += reason == "timeout"
+            self._replace(w, pending, results, penalise=False, deaths=deaths)
+            return False
+        return True
+
+    def _check_time(self, w: _Worker, now: float, pending: deque, results: list,
+                    deaths: dict) -> float:
+        """Enforce the row bound on `w`; the next time it needs a look."""
+        if not w.ready:
+            if now - w.spawned > STARTUP_TIMEOUT_S:
+                log.warning("grader worker not ready after %.0f s; restarting the server",
+                            STARTUP_TIMEOUT_S)
+                self._server.proc.kill()  # _ensure_server (in _replace) starts a new one
+                self._server.proc.wait()
+                self._died(w, pending, results, deaths)
+                return now
+            return w.spawned + STARTUP_TIMEOUT_S
+        if not w.inflight:
+            return float("inf")
+        limit = self.timeout_s + KILL_GRACE_S
+        wall = now - w.row_wall
+        if wall < max(limit, w.next_check):
+            return w.row_wall + max(limit, w.next_check)
+        cpu = _cpu_seconds(w.pid)
+        used = wall if cpu is None else cpu - w.cpu_mark
+        if used > limit:
+            i = w.answered()
+            log.warning("row %d ran past its CPU budget in uninterruptible code; worker killed", i)
+            results[i] = GradeResult(0.0, None, True, "timeout")
+            self.timeouts += 1
+            self._replace(w, pending, results, penalise=False, deaths=deaths)
+            return now
+        if wall > WALL_LIMIT_S:
+            log.warning("row %d made no progress in %.0f s of wall time; worker killed",
+                        w.inflight[0], wall)
+            self._died(w, pending, results, deaths)
+            return now
+        # CPU time cannot run faster than wall time: look again when the budget could be spent.
+        w.next_check = wall + max(limit - used, 0.01)
+        return w.row_wall + w.next_check
+
+    def _run(self, rows: list, template: str, pending: deque, results: list) -> None:
+        deaths: dict[int, int] = {}
+
+        def encode(i: int) -> bytes:
+            task = {"id": i, "response": rows[i][0], "refs": rows[i][1], "template": template}
+            return (json.dumps(task) + "\n").encode()
+
+        self._failed_starts, self._failing_since = 0, 0.0  # each call gets STARTUP_TIMEOUT_S
+        for k, w in enumerate(self._workers):
+            if w.closed:  # a previous call raised while replacing it
+                self._ensure_server()
+                self._workers[k] = self._server.spawn()
+        while pending or any(w.inflight for w in self._workers):
+            self._ensure_server()
+            for w in list(self._workers):
+                while w.ready and pending and len(w.inflight) < WINDOW:
+                    i = pending.popleft()
+                    if results[i] is not None:
+                        continue
+                    if not w.inflight:
+                        w.start_row(w.cpu_mark)  # idle until now: the row's clock starts here
+                    w.queue(i, encode(i))
+                if w.out and not w.flush():
+                    # Found dead while idle: the rows just sent never ran there.
+                    self._died(w, pending, results, deaths, penalise=False)
             now = time.monotonic()
-            busy = [w.deadline for w in self._workers if w.task is not None]
-            wait = max(0.0, min(busy) - now) if busy else 1.0
-            for w in self._ready_to_read(wait):
+            wake = min((self._check_time(w, now, pending, results, deaths)
+                        for w in list(self._workers)), default=now + 1.0)
+            poller = select.poll()  # not select(): the trainer may hold fds above 1024
+            by_fd = {}
+            for w in self._workers:
+                by_fd[w.rfd] = w
+                poller.register(w.rfd, select.POLLIN)
+                if w.out:
+                    poller.register(w.wfd, select.POLLOUT)
+            wait_ms = max(0.0, min(wake, now + 1.0) - time.monotonic()) * 1000
+            for fd, _ in poller.poll(wait_ms):
+                w = by_fd.get(fd)
+                if w is None or w not in self._workers:
+                    continue  # a write end, or a worker retired during this round
                 msgs = w.read()
                 if msgs is None:
-                    if not w.ready:
-                        raise RuntimeError(f"grader worker failed to start (exit code {w.proc.wait()})")
-                    self.crashes += 1
-                    if w.task is not None:
-                        # Retry once elsewhere: the worker may have died before reading the task.
-                        deaths[w.task] += 1
-                        if deaths[w.task] < 2:
-                            pending.appendleft(w.payload)
-                            w.task = None
-                        else:
-                            log.warning("response %d killed two grader workers; scored 0", w.task)
-                            finish(w, False)
-                    self._replace(w)
+                    self._died(w, pending, results, deaths)
                     continue
                 for m in msgs:
-                    if m.get("ready"):
-                        w.ready = True
-                    elif w.task is not None and m.get("id") == w.task:
-                        finish(w, m["ok"])
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.task is not None and now > w.deadline:
-                    self.timeouts += 1
-                    finish(w, False, timed_out=True)
-                    self._replace(w)
-                elif not w.ready and now - w.started > STARTUP_TIMEOUT_S:
-                    raise RuntimeError(f"grader worker not ready after {STARTUP_TIMEOUT_S:.0f} s")
+                    if not self._on_message(w, m, pending, results, deaths):
+                        break
 
 
 def _references(ans, i: int) -> list[str]:
@@ -224,10 +453,16 @@ def _default_pool() -> GraderPool:
         return _default
 
 
+def grade_responses(responses: Sequence[str], answers: Sequence, template: str = "qwen_math",
+                    pool: GraderPool | None = None) -> list[GradeResult]:
+    """`GraderPool.grade` on `pool`, or on a shared pool when none is given."""
+    return (pool or _default_pool()).grade(responses, answers, template)
+
+
 def compute_rewards(responses: Sequence[str], answers: Sequence, template: str = "qwen_math",
                     pool: GraderPool | None = None) -> list[float]:
     """Reward 1.0/0.0 per response (the trainer's reward function); a shared pool when none given."""
-    return [r.reward for r in (pool or _default_pool()).grade(responses, answers, template)]
+    return [r.reward for r in grade_responses(responses, answers, template, pool)]
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -242,7 +477,8 @@ def _read_rows(path: str) -> list[dict]:
 
 def grade_file(input_path: str, output_path: str | None = None, workers: int | None = None,
                chunk: int = 1024) -> int:
-    """Grade a JSONL of {response, answer[, template]}; print accuracy and timeouts; return 0."""
+    """Grade a JSONL of {response, answer[, template]} (rows written back with reward, extracted
+    answer and reason); print accuracy, timeouts and lost workers; return 0."""
     rows = _read_rows(input_path)
     graded: list[GradeResult | None] = [None] * len(rows)
     start = time.monotonic()
@@ -261,13 +497,15 @@ def grade_file(input_path: str, output_path: str | None = None, workers: int | N
             rate = done / max(dt, 1e-9)
             print(f"graded {done}/{len(rows)} ({rate:.0f}/s, ETA {(len(rows) - done) / rate:.0f} s)",
                   file=sys.stderr)
+        deaths = pool.worker_deaths
     if output_path:
         with open(output_path, "w") as f:
             for row, r in zip(rows, graded):
-                f.write(json.dumps({**row, "reward": r.reward, "extracted": r.extracted}) + "\n")
+                f.write(json.dumps({**row, "reward": r.reward, "extracted": r.extracted,
+                                    "reason": r.reason}) + "\n")
     correct = sum(r.reward for r in graded)
     timeouts = sum(r.timed_out for r in graded)
     acc = correct / len(rows) if rows else 0.0
     print(f"accuracy: {int(correct)}/{len(rows)} = {acc:.2%}  timeouts: {timeouts}  "
-          f"no answer: {sum(r.extracted is None for r in graded)}")
+          f"no answer: {sum(r.extracted is None for r in graded)}  grader workers lost: {deaths}")
     return 0

@@ -17,7 +17,7 @@ from r1zero_jax.analysis import has_self_reflection
 
 def rollout_metrics(batch, group_size: int) -> dict:
     """Reward, accuracy, lengths of correct vs incorrect responses, truncation, reflection share,
-    and the share of groups without learning signal."""
+    grading timeouts and lost grader workers, and the share of groups without learning signal."""
     lengths = batch.lengths.astype(np.float64)
     good, bad = batch.correct, ~batch.correct
 
@@ -32,6 +32,8 @@ def rollout_metrics(batch, group_size: int) -> dict:
         "response_length_incorrect": mean(lengths[bad]),
         "truncation_rate": float(batch.truncated.mean()),
         "reflection_rate": float(np.mean([has_self_reflection(t) for t in batch.texts])),
+        "grader_timeouts": int(batch.grader_timed_out.sum()),
+        "grader_worker_deaths": batch.grader_worker_deaths,
         **group_stats(batch.rewards, group_size),
     }
 

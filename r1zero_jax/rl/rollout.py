@@ -27,6 +27,8 @@ class RolloutBatch:
     answers: list[Any]
     correct: np.ndarray | None = None  # bool [R], set by `grade`
     rewards: np.ndarray | None = None  # float32 [R], truncated responses get 0
+    grader_timed_out: np.ndarray | None = None  # bool [R] scored 0: grading CPU budget used up
+    grader_worker_deaths: int = 0  # grader workers lost while grading this batch, set by `grade`
 
     @property
     def size(self) -> int:
@@ -93,9 +95,13 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], answers: Sequence[An
 
 def grade(batch: RolloutBatch, template: str, pool) -> RolloutBatch:
     """Rewards from the real grader; a response cut at the length limit gets 0."""
-    from r1zero_jax.rewards.pool import compute_rewards
+    from r1zero_jax.rewards.pool import grade_responses
 
-    rewards = np.asarray(compute_rewards(batch.texts, batch.answers, template, pool=pool), np.float32)
+    deaths = pool.worker_deaths if pool is not None else 0
+    results = grade_responses(batch.texts, batch.answers, template, pool=pool)
+    rewards = np.asarray([r.reward for r in results], np.float32)
+    batch.grader_timed_out = np.asarray([r.timed_out for r in results], bool)
+    batch.grader_worker_deaths = pool.worker_deaths - deaths if pool is not None else 0
     batch.correct = rewards > 0
     batch.rewards = np.where(batch.truncated, 0.0, rewards).astype(np.float32)
     return batch
