@@ -119,7 +119,7 @@ def _add_eval(sub):
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip (and count) longer prompts")
     p.add_argument("--workers", type=int, default=None, help="grader processes")
-    p.add_argument("--grader-timeout", type=float, default=5.0, help="seconds per response")
+    p.add_argument("--grader-timeout", type=float, default=5.0, help="CPU seconds per response (independent of machine load)")
 
     def run(a):
         from r1zero_jax.eval import eval_cli
