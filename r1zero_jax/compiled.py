@@ -135,18 +135,12 @@ def _bytes(type_: str) -> int:
                for dt, dims in _ARRAY.findall(type_))
 
 
-def _trip_count(cond: list[_Instr]) -> int | None:
-    """A counted loop's trip count (`i < N` with N a constant), else None (dynamic)."""
-    consts = {}
+def _trip_count(cond: list[_Instr], consts: dict[str, int]) -> int | None:
+    """A counted loop's trip count (its condition is `i < N`, N a constant), else None."""
     for ins in cond:
-        if ins.opcode == "constant":
-            m = re.match(r"\s*(-?\d+)", ins.attrs) or re.search(r"constant\((-?\d+)\)", ins.attrs)
-            if m:
-                consts[ins.name] = int(m.group(1))
-    for ins in cond:
-        if ins.opcode == "compare" and "direction=LT" in ins.attrs and len(ins.operands) == 2:
-            if ins.operands[1] in consts:
-                return consts[ins.operands[1]]
+        if (ins.opcode == "compare" and "direction=LT" in ins.attrs and len(ins.operands) == 2
+                and ins.operands[1] in consts):
+            return consts[ins.operands[1]]
     return None
 
 
@@ -175,11 +169,7 @@ def collectives(hlo: str, top: int = 5) -> dict[str, Any]:
                     k = m
                     if kind in ("body", "condition") and ins.opcode == "while":
                         cond = re.search(r"condition=%?([\w.\-]+)", ins.attrs).group(1)
-                        body = comps.get(cond, [])
-                        trip = _trip_count([dataclasses.replace(
-                            i, attrs=f"constant({consts[i.name]})" if i.name in consts
-                            else i.attrs) for i in body])
-                        k = m * (trip or 1)
+                        k = m * (_trip_count(comps.get(cond, []), consts) or 1)
                     visit(target, k)
 
     visit(entry, 1)
