@@ -261,7 +261,7 @@ def test_gcs_errors_are_clear_and_fast(gcs_emulator, monkeypatch):
         restore_params("gs://no-such-bucket/run")
     with socket_bound() as dead_port:  # bound but never accepting: nothing answers there
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{dead_port}")
-        with pytest.raises(RuntimeError, match="cannot reach the GCS endpoint|did not answer"):
+        with pytest.raises(paths.GcsError, match="bucket .r1zero-test.* failed .*refused"):
             Checkpointer(gcs_emulator.gs("run"), save_every=1)
     with forbidding_server() as url:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)

@@ -28,6 +28,7 @@ from r1zero_jax.rl import rollout as ro
 from r1zero_jax.rl.learner import (LearnBatch, Learner, TrainState, abstract_state, init_state,
                                    jit_learner, lr_schedule, make_binder, make_optimizer, params_of)
 from r1zero_jax.rl.metrics import RunLogger, plot_curves, rollout_metrics
+from r1zero_jax.run_lock import RunLock
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # May change when a run is resumed; anything else needs --allow-config-change.
@@ -161,7 +162,24 @@ class Trainer:
         self.workdir = workdir
         self.print = printer if self.is_writer else (lambda *a, **k: None)
         self.allow_config_change = allow_config_change
+        # Storage and the run directory before any model or data work: a dead bucket or a
+        # second trainer on this directory is refused in seconds, not after a model load.
+        for directory in (workdir, self.cfg.checkpoint.directory):
+            paths.check_gcs_bucket(directory)
         paths.makedirs(workdir)
+        self._lock = RunLock(workdir, printer=self.print).acquire() if self.is_writer else None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the run directory (done by `run` at its end)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self) -> None:
         c = self.cfg
         e = c.eval
 
@@ -224,6 +242,14 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, steps: int | None = None) -> dict:
+        """Trains until `steps` (default train.steps), resuming the run directory; returns the
+        summary. Releases the run directory at the end, however it ends."""
+        try:
+            return self._run(steps)
+        finally:
+            self.close()
+
+    def _run(self, steps: int | None = None) -> dict:
         from r1zero_jax.checkpoint import (PREEMPTED_EXIT_CODE, PreemptionGuard,
                                            check_config_compatible)
         from r1zero_jax.rewards.pool import GraderPool
@@ -252,11 +278,13 @@ class Trainer:
         if latest is not None:
             # Compare configs before restoring: a changed model shape then reads as the list of
             # changed fields, not as an Orbax shape error.
-            diffs = check_config_compatible(ckpt.read_meta(latest)["config"], to_dict(c),
+            diffs = check_config_compatible(ckpt.read_meta()["config"], to_dict(c),
                                             self.allow_config_change, ignore=RESUMABLE_CHANGES)
             for d in diffs:
                 self.print(f"config change on resume: {d}")
-            saved, meta = ckpt.restore(latest, abstract_state=self._ckpt_tree(abstract_state(state)))
+            # The newest step that reads back whole: a damaged newer one is named and skipped.
+            saved, meta = ckpt.restore(abstract_state=self._ckpt_tree(abstract_state(state)))
+            latest = meta["step"]
             state = TrainState(step=saved["step"], params=saved["params"],
                                opt_state=saved["opt_state"])
             ref_params = saved.get("ref_params")
@@ -275,6 +303,8 @@ class Trainer:
             if self.eval_rows and eval_before is None:
                 eval_before = self._eval(state.params, pool)["accuracy"]
             for step in range(start, total):
+                if self._lock is not None:
+                    self._lock.check()
                 m, state = self._step(state, step, pipeline, pool, logprobs_fn, step_fn,
                                       ref_params, key)
                 if self.eval_rows and c.eval.every and (step + 1) % c.eval.every == 0 \
