@@ -127,11 +127,12 @@ def _where() -> str:
 
 def gcs_error(op: str, path: str, cause: BaseException | str, elapsed: float) -> GcsError:
     """The policy's one error: operation, bucket, endpoint, cause and what to check."""
-    text = str(cause) or type(cause).__name__
+    text = str(cause).strip()
     if isinstance(cause, BaseException):
-        text = f"{type(cause).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
+        name = type(cause).__name__
+        text = f"{name}: {text.splitlines()[0]}" if text else name
     low = text.lower()
-    if "timeout" in low or "did not complete" in low or "deadline" in low:
+    if any(w in low for w in ("timeout", "no answer", "did not complete", "deadline")):
         hint = (f"the endpoint {_where()} accepted the connection but did not answer: is it the "
                 "GCS service, and is it overloaded or stalled?")
     elif any(w in low for w in ("refused", "connect", "unavailable", "reset", "name or service")):
@@ -148,7 +149,7 @@ def gcs_error(op: str, path: str, cause: BaseException | str, elapsed: float) ->
 
 def _gcs_call(op: str, path: str, method: str, *args, timeout_s: float = GCS_DEADLINE_S, **kwargs):
     """`fs.<method>` (an async gcsfs method) on `path` under the operation deadline."""
-    from fsspec.asyn import sync
+    from fsspec.asyn import FSTimeoutError, sync
 
     fs = _filesystem(path)
     t0 = time.monotonic()
@@ -156,6 +157,9 @@ def _gcs_call(op: str, path: str, method: str, *args, timeout_s: float = GCS_DEA
         return sync(fs.loop, getattr(fs, method), _strip(path), *args, timeout=timeout_s, **kwargs)
     except (FileNotFoundError, FileExistsError):
         raise
+    except FSTimeoutError as e:
+        # Either the deadline or every attempt stalling (fsspec reports both so).
+        raise gcs_error(op, path, "no answer from the server", time.monotonic() - t0) from e
     except Exception as e:  # noqa: BLE001 - every other failure gets the policy's message
         raise gcs_error(op, path, e, time.monotonic() - t0) from e
 
