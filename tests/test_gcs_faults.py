@@ -185,3 +185,79 @@ def test_emulator_dying_mid_run_is_reported_in_time(mode, tmp_path):
         assert r["error"] == "GcsError", (name, r)
         assert "bucket 'r1zero-test'" in r["msg"], (name, r)
         assert r["s"] < BOUND_S, (name, r)
+
+
+def _train(workdir: str, emulator_url: str, cwd, steps: int) -> subprocess.Popen:
+    from test_trainer import TINY
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TENSORSTORE_GCS_HTTP_URL")}
+    env.update(STORAGE_EMULATOR_HOST=emulator_url,
+               PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
+    sets = [a for s in TINY for a in ("--set", s)]
+    return subprocess.Popen([sys.executable, "-m", "r1zero_jax.cli", "train", "cpu_smoke",
+                             "--workdir", workdir, "--steps", str(steps), *sets],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=cwd)
+
+
+def test_train_against_a_black_hole_fails_in_time_before_writing(tmp_path):
+    with BlackHole() as hole:
+        t0 = time.monotonic()
+        proc = _train("gs://hole-bucket/run", hole.url, tmp_path, 1)
+        out, _ = proc.communicate(timeout=120)
+        dt = time.monotonic() - t0
+    print(f"train against a black hole: exit {proc.returncode} after {dt:.1f} s")
+    assert proc.returncode == 2, out
+    assert "r1zero-jax train: error: GCS bucket check" in out and "bucket 'hole-bucket'" in out, out
+    assert dt < BOUND_S, dt
+
+
+def test_train_with_emulator_killed_mid_run_fails_in_time_then_resumes_exactly(tmp_path):
+    from gcs_emulator import BUCKET, EmulatorProcess, _create_bucket
+    from r1zero_jax.rl.launch import train_cli
+    from r1zero_jax.rl.metrics import read_metrics
+    from test_trainer import TINY
+
+    def metrics(path):
+        return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k}
+                for r in read_metrics(path)]
+
+    server = EmulatorProcess(root=str(tmp_path / "gcs"))
+    server.start()
+    try:
+        _create_bucket(server.url, BUCKET)
+        workdir = f"gs://{BUCKET}/run"
+        proc = _train(workdir, server.url, tmp_path, 2)
+        try:
+            lines = []
+            while not any("step 1/2" in ln for ln in lines):
+                line = proc.stdout.readline()
+                assert line, "".join(lines)
+                lines.append(line)
+            server.kill()
+            t0 = time.monotonic()
+            out, _ = proc.communicate(timeout=120)
+            dt = time.monotonic() - t0
+        finally:
+            proc.kill()
+        print(f"emulator killed mid-run: exit {proc.returncode} after {dt:.1f} s")
+        assert proc.returncode == 2, out
+        assert "error: GCS" in out and f"bucket '{BUCKET}'" in out, out[-3000:]
+        assert dt < BOUND_S, dt
+
+        server.start()  # the same port and, on disk, the same objects
+        proc = _train(workdir, server.url, tmp_path, 2)
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, out[-3000:]
+        assert "taking over the lock" in out  # the killed run could not release it
+        os.environ["STORAGE_EMULATOR_HOST"] = server.url
+        try:
+            paths.configure_gcs_emulator()
+            resumed = metrics(paths.join(workdir, "metrics.jsonl"))
+        finally:
+            os.environ.pop("STORAGE_EMULATOR_HOST")
+    finally:
+        server.kill()
+    local = str(tmp_path / "uninterrupted")
+    assert train_cli("cpu_smoke", TINY, workdir=local, steps=2) == 0
+    assert resumed == metrics(os.path.join(local, "metrics.jsonl"))
