@@ -304,6 +304,7 @@ def restore_params(path: str, abstract_params: Any | None = None, key: str = "pa
                 lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_params
             )
         else:
+            _check_against_model(f"{root}/{step}", saved[key], abstract_params)
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
         out = manager.restore(
             step,
@@ -320,6 +321,22 @@ def restore_params(path: str, abstract_params: Any | None = None, key: str = "pa
         return out[STATE][key] if given else _int_keys(out[STATE][key])
     finally:
         manager.close()
+
+
+def _check_against_model(where: str, saved: Any, abstract: Any) -> None:
+    """Every saved array floating point with the model's shape: Orbax would otherwise cast
+    integer arrays into the requested dtype without a word."""
+    model = _flatten(abstract)
+    for name, m in _flatten(saved).items():
+        if name not in model:
+            continue  # a missing or extra array is Orbax's own, clear, error
+        want = model[name].shape
+        if tuple(m.shape) != tuple(want):
+            raise ValueError(f"{where}: array {name!r} has shape {tuple(m.shape)}, the model "
+                             f"expects {tuple(want)}")
+        if not jax.numpy.issubdtype(m.dtype, jax.numpy.floating):
+            raise ValueError(f"{where}: array {name!r} has dtype {m.dtype}; model weights must "
+                             "be floating point")
 
 
 def _int_keys(tree: Any) -> Any:
