@@ -151,6 +151,18 @@ def learner_minibatches(rb: ro.RolloutBatch, old_logp: np.ndarray, advantages: n
                          ref_logp=None if ref_logp is None else shape(ref_logp))
 
 
+def _check_finite(m: dict, ckpt) -> None:
+    """Stops the run at a non-finite loss or gradient norm, before that step is checkpointed:
+    every later step would train on NaN weights, and resuming would restore them."""
+    bad = {k: m[k] for k in ("loss", "grad_norm") if not np.isfinite(m[k])}
+    if bad:
+        ckpt.wait()  # the previous step's save, if still in flight, completes intact
+        raise ValueError(f"step {m['step']}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
+                         + f" is not finite; stopped without checkpointing it (the last checkpoint "
+                         f"in {ckpt.directory} is intact). Lower optim.learning_rate or set "
+                         "optim.clip_norm, then rerun the same command to resume")
+
+
 class Trainer:
     """Dr. GRPO / GRPO training of one config in one run directory (resumable)."""
 
@@ -311,6 +323,7 @@ class Trainer:
                         and step + 1 < total:
                     m["eval_accuracy"] = self._eval(state.params, pool)["accuracy"]
                 logger.log(m)
+                _check_finite(m, ckpt)
                 meta = {"config": to_dict(c), "pipeline": pipeline.state(),
                         "eval_accuracy_before": eval_before, "step": step + 1}
                 tree = self._ckpt_tree(state, ref_params)
