@@ -129,6 +129,7 @@ def test_closed_port_and_missing_bucket_fail_fast(gcs_emulator, monkeypatch):
     from r1zero_jax.checkpoint import Checkpointer
 
     e, dt = _timed(Checkpointer, "gs://no-such-bucket/run", 1)
+    print(f"missing bucket: refused after {dt:.2f} s")
     assert isinstance(e, ValueError) and "bucket 'no-such-bucket' does not exist" in str(e)
     assert dt < 10, dt
     e, dt = _timed(paths.read_text, gcs_emulator.gs("never-written.json"))
@@ -137,6 +138,7 @@ def test_closed_port_and_missing_bucket_fail_fast(gcs_emulator, monkeypatch):
     for fn, args in [(Checkpointer, (gcs_emulator.gs("run"), 1)),
                      (paths.write_text, (gcs_emulator.gs("run/config.json"), "{}"))]:
         e, dt = _timed(fn, *args)
+        print(f"closed port: {fn.__name__} failed after {dt:.2f} s")
         assert isinstance(e, paths.GcsError) and "bucket 'r1zero-test'" in str(e), repr(e)
         assert "refused" in str(e).lower() or "connect" in str(e).lower(), str(e)
         assert "is the emulator running?" in str(e) and dt < 15, (str(e), dt)

@@ -118,6 +118,7 @@ def test_two_trainers_on_one_workdir(tmp_path):
         out, _ = first.communicate(timeout=400)
     finally:
         first.kill()
+    print(f"second trainer refused after {refused_after:.1f} s")
     assert second.returncode == 2, second.stderr
     assert f"in use by host '{socket.gethostname()}' pid {first.pid}" in second.stderr
     assert refused_after < 10, refused_after
