@@ -118,7 +118,10 @@ def evaluate(model, rows: list[dict], tokenizer, cfg: RunConfig, mesh, pool) -> 
         # Pad the last batch to the full size so only one shape compiles.
         padded = idx + [idx[-1]] * (e.batch_size - len(idx))
         rb = ro.generate(model, [prompts[i] for i in padded], [rows[i]["answer"] for i in padded],
-                         params=sampling, tokenizer=tokenizer, mesh=mesh, seed=0,
+                         params=sampling, tokenizer=tokenizer, mesh=mesh,
+                         # A raw uint32 key, as in training: a typed key made from an int cannot
+                         # be placed on a multi-process mesh (greedy: its value is unused).
+                         seed=jax.random.PRNGKey(0),
                          max_prompt_tokens=cfg.data.max_prompt_tokens)
         ro.grade(rb, template, pool)
         k = len(idx)
