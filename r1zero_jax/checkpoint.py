@@ -11,6 +11,7 @@ killed mid-save leaves the previous step restorable; the partial one is deleted 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import logging
@@ -47,6 +48,15 @@ def _storage_fault(e: BaseException) -> bool:
     while e is not None:
         if isinstance(e, paths.GcsError) or any(m in str(e) or m in type(e).__name__
                                                  for m in _STORAGE_FAULTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full(e: BaseException) -> bool:
+    # tensorstore reports ENOSPC inside a ValueError's text ("No space left on device").
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -142,6 +152,12 @@ class Checkpointer:
         except paths.GcsError:
             raise
         except Exception as e:
+            if _disk_full(e):
+                kept = sorted(self._manager.all_steps()) if hasattr(self, "_manager") else []
+                raise paths.StorageError(
+                    f"checkpoint {op} in {self.directory} failed: no space left on the device; "
+                    "free space there and rerun the same command: it resumes from the last "
+                    f"complete checkpoint (complete steps: {kept})") from e
             if paths.is_gcs(self.directory) and _storage_fault(e):
                 raise paths.gcs_error(f"checkpoint {op}", self.directory, _first_line(e),
                                       time.monotonic() - t0) from e

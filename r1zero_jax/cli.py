@@ -182,13 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from r1zero_jax.paths import GcsError
+    from r1zero_jax.paths import StorageError
     from r1zero_jax.run_lock import RunLockedError
 
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, GcsError, RunLockedError) as e:
+    except (ValueError, FileNotFoundError, StorageError, RunLockedError) as e:
         # Library errors are written for users; a traceback would bury the message.
         print(f"r1zero-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,12 @@ GCS_ATTEMPTS = 3  # per request, backoff 1-2 s then 2-3 s in between
 GCS_DEADLINE_S = 45.0  # one operation, all attempts together: errors come well within 60 s
 
 
-class GcsError(RuntimeError):
+class StorageError(RuntimeError):
+    """Storage refused or failed an operation (disk full, GCS down); the message says what to
+    check. The CLI prints it as one line."""
+
+
+class GcsError(StorageError):
     """A GCS operation failed or ran past its deadline; the message names the bucket, the
     operation and what to check."""
 
