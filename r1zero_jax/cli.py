@@ -5,6 +5,7 @@ Library modules are imported inside each command so `r1zero-jax --help` stays fa
 """
 
 import argparse
+import os
 import sys
 
 
@@ -191,6 +192,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, StorageError, RunLockedError) as e:
         # Library errors are written for users; a traceback would bury the message.
         print(f"r1zero-jax {args.command}: error: {e}", file=sys.stderr)
+        if argv is None and isinstance(e, StorageError):
+            # The command line: a failed checkpoint write can leave Orbax's (non-daemon)
+            # threads waiting for a signal that never comes, holding the process at exit.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     return int(rc or 0)
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 LEASE_S = 60.0  # a holder that has not renewed for this long is presumed dead
+RELEASE_S = 5.0  # the most that releasing may take; a lease left behind expires by itself
 
 
 class RunLockedError(RuntimeError):
@@ -135,12 +136,20 @@ class RunLock:
         if self._thread is None:
             return
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=RELEASE_S)
         self._thread = None
         atexit.unregister(self.release)
-        try:
-            holder = self._read()
-            if holder and holder.get("token") == self.token:
-                paths.remove(self.path)
-        except Exception as e:  # noqa: BLE001 - a lease left behind expires by itself
-            log.warning("could not remove the lock on %s: %s", self.workdir, e)
+
+        def remove() -> None:
+            try:
+                holder = self._read()
+                if holder and holder.get("token") == self.token:
+                    paths.remove(self.path)
+            except Exception as e:  # noqa: BLE001 - a lease left behind expires by itself
+                log.warning("could not remove the lock on %s: %s", self.workdir, e)
+
+        # Bounded: releasing on the way out of a storage fault must not add the fault's own
+        # deadline to the time until the error is reported.
+        worker = threading.Thread(target=remove, daemon=True, name="run-lock-release")
+        worker.start()
+        worker.join(timeout=RELEASE_S)

@@ -214,7 +214,7 @@ def test_train_against_a_black_hole_fails_in_time_before_writing(tmp_path):
     assert dt < BOUND_S, dt
 
 
-def test_train_with_emulator_killed_mid_run_fails_in_time_then_resumes_exactly(tmp_path):
+def test_train_with_emulator_killed_mid_run_fails_in_time_then_resumes_exactly(tmp_path, monkeypatch):
     from gcs_emulator import BUCKET, EmulatorProcess, _create_bucket
     from r1zero_jax.rl.launch import train_cli
     from r1zero_jax.rl.metrics import read_metrics
@@ -230,16 +230,25 @@ def test_train_with_emulator_killed_mid_run_fails_in_time_then_resumes_exactly(t
         _create_bucket(server.url, BUCKET)
         workdir = f"gs://{BUCKET}/run"
         proc = _train(workdir, server.url, tmp_path, 2)
-        try:
-            lines = []
-            while not any("step 1/2" in ln for ln in lines):
-                line = proc.stdout.readline()
-                assert line, "".join(lines)
+        lines: list[str] = []
+
+        def read_output():
+            for line in proc.stdout:
                 lines.append(line)
+
+        pump = threading.Thread(target=read_output, daemon=True)
+        pump.start()
+        try:
+            deadline = time.monotonic() + 300
+            while not any("step 1/2" in ln for ln in lines):
+                assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+                time.sleep(0.1)
             server.kill()
             t0 = time.monotonic()
-            out, _ = proc.communicate(timeout=120)
+            proc.wait(timeout=120)
             dt = time.monotonic() - t0
+            pump.join(timeout=10)
+            out = "".join(lines)
         finally:
             proc.kill()
         print(f"emulator killed mid-run: exit {proc.returncode} after {dt:.1f} s")
@@ -252,12 +261,11 @@ def test_train_with_emulator_killed_mid_run_fails_in_time_then_resumes_exactly(t
         out, _ = proc.communicate(timeout=400)
         assert proc.returncode == 0, out[-3000:]
         assert "taking over the lock" in out  # the killed run could not release it
-        os.environ["STORAGE_EMULATOR_HOST"] = server.url
-        try:
-            paths.configure_gcs_emulator()
-            resumed = metrics(paths.join(workdir, "metrics.jsonl"))
-        finally:
-            os.environ.pop("STORAGE_EMULATOR_HOST")
+        # Read the result here; monkeypatch puts the session emulator's settings back after.
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
+        monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", server.url)
+        paths.configure_gcs_emulator()
+        resumed = metrics(paths.join(workdir, "metrics.jsonl"))
     finally:
         server.kill()
     local = str(tmp_path / "uninterrupted")
