@@ -10,12 +10,15 @@ killed mid-save leaves the previous step restorable; the partial one is deleted 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import json
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,8 +29,42 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep_lib  # noqa: E402
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_lib  # noqa: E402
+from orbax.checkpoint._src.serialization import tensorstore_utils as _ts_utils  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+# Orbax builds every tensorstore context from these dicts; give them the GCS deadline policy's
+# retries (paths.py sets tensorstore's connect and stall timeouts).
+for _context in (_ts_utils._BASE_TS_CONTEXT, _ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    _context.setdefault("gcs_request_retries", paths.TENSORSTORE_GCS_RETRIES)
+
+# Markers of a storage fault (endpoint down or stalled, credentials) in tensorstore's and the
+# HTTP clients' errors, as opposed to a damaged checkpoint (NOT_FOUND, OUT_OF_RANGE, DATA_LOSS).
+_STORAGE_FAULTS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                   "Timeout", "timed out", "did not complete", "Connection", "connect")
+
+
+def _storage_fault(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, paths.GcsError) or any(m in str(e) or m in type(e).__name__
+                                                 for m in _STORAGE_FAULTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full(e: BaseException) -> bool:
+    # tensorstore reports ENOSPC inside a ValueError's text ("No space left on device").
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 STATE = "state"
 META = "meta"
@@ -83,6 +120,11 @@ class Checkpointer:
             raise ValueError(f"keep_every must be None or >= 1, got {keep_every}")
         self.directory = _abspath(directory)
         paths.check_gcs_bucket(self.directory)
+        with self._storage("open"):
+            self._open(save_every, keep_last, keep_every, async_save)
+
+    def _open(self, save_every: int, keep_last: int, keep_every: int | None,
+              async_save: bool) -> None:
         options = ocp.CheckpointManagerOptions(
             # Preemption and end-of-run saves come from the trainer with force=True; on a pod
             # PreemptionGuard.should_stop already agrees on the step across hosts.
@@ -101,12 +143,34 @@ class Checkpointer:
             options=options,
         )
 
+    @contextlib.contextmanager
+    def _storage(self, op: str):
+        """Storage faults on gs:// become the GCS policy's GcsError, naming the bucket."""
+        t0 = time.monotonic()
+        try:
+            yield
+        except paths.GcsError:
+            raise
+        except Exception as e:
+            if _disk_full(e):
+                kept = sorted(self._manager.all_steps()) if hasattr(self, "_manager") else []
+                raise paths.StorageError(
+                    f"checkpoint {op} in {self.directory} failed: no space left on the device; "
+                    "free space there and rerun the same command: it resumes from the last "
+                    f"complete checkpoint (complete steps: {kept})") from e
+            if paths.is_gcs(self.directory) and _storage_fault(e):
+                raise paths.gcs_error(f"checkpoint {op}", self.directory, _first_line(e),
+                                      time.monotonic() - t0) from e
+            raise
+
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
-        return self._manager.latest_step()
+        with self._storage("listing"):
+            return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        with self._storage("listing"):
+            return sorted(self._manager.all_steps())
 
     def save(
         self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any], force: bool = False
@@ -119,64 +183,96 @@ class Checkpointer:
         if not isinstance(state, Mapping) or not state:
             raise ValueError("state must be a non-empty dict of pytrees, e.g. {'params': ...}")
         _check_json(meta)
-        if step in self._manager.all_steps():
+        if step in self.all_steps():
             return False
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardSave(dict(state)), META: ocp.args.JsonSave(dict(meta))}
-            ),
-            force=force,
-        )
+        with self._storage(f"save of step {step}"):
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(dict(state)),
+                                           META: ocp.args.JsonSave(dict(meta))}),
+                force=force,
+            )
         if saved:
             log.info("checkpoint step %d started in %s", step, self.directory)
         return saved
 
-    def _existing_step(self, step: int | None) -> int:
-        self._manager.wait_until_finished()
-        step = self.latest_step() if step is None else step
+    def _candidate_steps(self, step: int | None) -> list[int]:
+        """[step], or every complete step newest first when `step` is None."""
+        self.wait()
+        steps = self.all_steps()
         if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        if step not in self._manager.all_steps():
-            raise FileNotFoundError(
-                f"checkpoint step {step} not in {self.directory}; steps: {self.all_steps()}"
-            )
-        return step
+            if not steps:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+            return steps[::-1]
+        if step not in steps:
+            raise FileNotFoundError(f"checkpoint step {step} not in {self.directory}; steps: {steps}")
+        return [step]
+
+    def _newest_readable(self, step: int | None, args: ocp.args.Composite) -> tuple[int, dict]:
+        """Restores `step`, or without one the newest step that reads back whole.
+
+        A damaged step (a file truncated or deleted after its commit) is reported, deleted so
+        the resumed run can save that step again, and the previous one tried. Storage faults
+        (endpoint down, permissions) are raised: an older step is no answer to them.
+        """
+        candidates = self._candidate_steps(step)
+        first_error = None
+        for s in candidates:
+            try:
+                with self._storage(f"restore of step {s}"):
+                    return s, self._manager.restore(s, args=args)
+            except paths.GcsError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a damaged step; tried the next
+                if step is not None:
+                    raise
+                first_error = first_error or e
+                msg = (f"checkpoint step {s} in {self.directory} is unreadable "
+                       f"({_first_line(e)}); skipping it")
+                log.warning(msg)
+                print(f"warning: {msg}", flush=True)
+        raise ValueError(f"no readable checkpoint in {self.directory} (steps {sorted(candidates)} "
+                         f"all failed; the newest: {_first_line(first_error)})") from first_error
+
+    def _drop_newer(self, step: int) -> None:
+        for s in self.all_steps():
+            if s > step:
+                with self._storage(f"deletion of unreadable step {s}"):
+                    self._manager.delete(s)
+                print(f"deleted unreadable checkpoint step {s}; continuing from step {step}",
+                      flush=True)
 
     def restore(
         self, step: int | None = None, *, abstract_state: Mapping[str, Any]
     ) -> tuple[dict, dict]:
-        """Restores `(state, meta)` of `step` (default: the latest complete one).
+        """Restores `(state, meta)` of `step`; without a step, of the newest step that reads
+        back whole (damaged newer steps are named, skipped and deleted).
 
         `abstract_state` has the structure of the saved state, with `jax.ShapeDtypeStruct`
         leaves whose `.sharding` says where each array goes: a different mesh than at save
         time reshards on load. Raises FileNotFoundError when there is nothing to restore.
         """
-        step = self._existing_step(step)
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE: ocp.args.StandardRestore(dict(abstract_state)),
-                    META: ocp.args.JsonRestore(),
-                }
-            ),
-        )
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(dict(abstract_state)),
+                                     META: ocp.args.JsonRestore()})
+        restored, out = self._newest_readable(step, args)
+        if step is None:
+            self._drop_newer(restored)
         return dict(out[STATE]), dict(out[META])
 
     def read_meta(self, step: int | None = None) -> dict:
-        """The JSON meta of `step` (default: latest) without touching the arrays: check the
-        config before building the abstract state it determines."""
-        step = self._existing_step(step)
-        out = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+        """The JSON meta of `step` (default: the newest readable) without touching the arrays:
+        check the config before building the abstract state it determines."""
+        _, out = self._newest_readable(step, ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
         return dict(out[META])
 
     def wait(self) -> None:
         """Blocks until the background save (if any) is committed."""
-        self._manager.wait_until_finished()
+        with self._storage("save (background)"):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        with self._storage("close"):
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -224,6 +320,7 @@ def restore_params(path: str, abstract_params: Any | None = None, key: str = "pa
                 lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_params
             )
         else:
+            _check_against_model(f"{root}/{step}", saved[key], abstract_params)
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
         out = manager.restore(
             step,
@@ -240,6 +337,22 @@ def restore_params(path: str, abstract_params: Any | None = None, key: str = "pa
         return out[STATE][key] if given else _int_keys(out[STATE][key])
     finally:
         manager.close()
+
+
+def _check_against_model(where: str, saved: Any, abstract: Any) -> None:
+    """Every saved array floating point with the model's shape: Orbax would otherwise cast
+    integer arrays into the requested dtype without a word."""
+    model = _flatten(abstract)
+    for name, m in _flatten(saved).items():
+        if name not in model:
+            continue  # a missing or extra array is Orbax's own, clear, error
+        want = model[name].shape
+        if tuple(m.shape) != tuple(want):
+            raise ValueError(f"{where}: array {name!r} has shape {tuple(m.shape)}, the model "
+                             f"expects {tuple(want)}")
+        if not jax.numpy.issubdtype(m.dtype, jax.numpy.floating):
+            raise ValueError(f"{where}: array {name!r} has dtype {m.dtype}; model weights must "
+                             "be floating point")
 
 
 def _int_keys(tree: Any) -> Any:

@@ -179,12 +179,13 @@ def _hints(cls) -> dict:
 
 def leaf_keys(cfg=None, prefix: str = "") -> list[str]:
     """Every overridable dotted key of a RunConfig ("rl.loss", "optim.learning_rate", ...)."""
-    cls = type(cfg) if cfg is not None else RunConfig
+    cfg = RunConfig() if cfg is None else cfg
+    cls = type(cfg)
     keys = []
     for f in dataclasses.fields(cls):
         t = _hints(cls)[f.name]
         if dataclasses.is_dataclass(t):
-            keys += leaf_keys(getattr(cfg, f.name) if cfg is not None else None, f"{prefix}{f.name}.")
+            keys += leaf_keys(getattr(cfg, f.name), f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)
     return keys
@@ -336,8 +337,80 @@ def parse_mesh_spec(spec: str, num_devices: int | None = None) -> dict[str, int]
     return sizes
 
 
+@dataclass(frozen=True)
+class Range:
+    """An allowed interval of a numeric field; `str` writes it as [lo, hi) etc."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo == -math.inf else f"{self.lo:g}"
+        hi = "inf" if self.hi == math.inf else f"{self.hi:g}"
+        return f"{'(' if self.lo_open or self.lo == -math.inf else '['}{lo}, {hi}" \
+               f"{')' if self.hi_open or self.hi == math.inf else ']'}"
+
+
+_NONNEG, _POS_INT = Range(0), Range(1)
+_POS = Range(0, lo_open=True)
+_UNIT_OPEN = Range(0, 1, hi_open=True)
+
+# Every int and float leaf of RunConfig (a test checks none is missing). Checked before any
+# model, dataset or device work: a bad number found after loading a 7B model costs minutes.
+RANGES: dict[str, Range] = {
+    "model.vocab_size": _NONNEG, "model.hidden_size": _POS_INT,
+    "model.intermediate_size": _POS_INT, "model.num_layers": _POS_INT,
+    "model.num_heads": _POS_INT, "model.num_kv_heads": _POS_INT, "model.head_dim": _POS_INT,
+    "model.rope_theta": _POS, "model.rms_norm_eps": _POS,
+    "model.max_position_embeddings": _POS_INT, "model.init_seed": _NONNEG,
+    "mesh.num_cpu_devices": _NONNEG,
+    "data.max_prompt_tokens": _POS_INT, "data.seed": _NONNEG,
+    "sampling.max_new_tokens": _POS_INT, "sampling.temperature": _NONNEG,
+    "sampling.top_p": Range(0, 1, lo_open=True), "sampling.top_k": _NONNEG,
+    "sampling.prompts_per_call": _NONNEG,
+    "rl.group_size": Range(2), "rl.rollout_batch_size": _POS_INT, "rl.clip_low": _UNIT_OPEN,
+    "rl.clip_high": _NONNEG, "rl.kl_beta": _NONNEG, "rl.epochs_per_rollout": _POS_INT,
+    "optim.learning_rate": _NONNEG, "optim.b1": _UNIT_OPEN, "optim.b2": _UNIT_OPEN,
+    "optim.eps": _NONNEG, "optim.weight_decay": _NONNEG, "optim.clip_norm": _NONNEG,
+    "optim.warmup_steps": _NONNEG,
+    "train.steps": _NONNEG, "train.minibatch_size": _POS_INT, "train.microbatch_size": _NONNEG,
+    "train.logits_chunk": _NONNEG, "train.seed": _NONNEG, "train.warmup_sft_steps": _NONNEG,
+    "train.warmup_sft_habit_steps": _NONNEG, "train.warmup_sft_lr": _POS,
+    "train.warmup_sft_batch": _POS_INT,
+    "eval.size": _NONNEG, "eval.every": _NONNEG, "eval.max_new_tokens": _NONNEG,
+    "eval.batch_size": _POS_INT,
+    "checkpoint.every": _NONNEG, "checkpoint.keep_last": _POS_INT, "checkpoint.keep_every": _NONNEG,
+}
+
+
+def _get_key(cfg, key: str):
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key, allowed in RANGES.items():
+        v = _get_key(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{key}={v!r}: expected a number in {allowed}")
+        if not math.isfinite(v):
+            raise ValueError(f"{key}={v!r}: must be a finite number in {allowed}")
+        if v not in allowed:
+            raise ValueError(f"{key}={v!r} is out of range; allowed: {allowed}")
+
+
 def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
-    """Raise ValueError naming the first problem; `num_devices` enables the mesh checks."""
+    """Raise ValueError naming the first problem (key, value, allowed values); `num_devices`
+    enables the mesh checks."""
+    _check_ranges(cfg)
     rl, tr = cfg.rl, cfg.train
     if rl.loss not in LOSS_NAMES:
         raise ValueError(f"rl.loss: unknown loss {rl.loss!r}; choose one of {list(LOSS_NAMES)}")
@@ -349,8 +422,6 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
     for key in ("model.dtype", "model.param_dtype"):
         if getattr(cfg.model, key.split(".")[1]) not in DTYPES:
             raise ValueError(f"{key}: expected one of {DTYPES}")
-    if rl.group_size < 2:
-        raise ValueError(f"rl.group_size={rl.group_size}: group advantages need at least 2 samples")
     if rl.rollout_batch_size % rl.group_size:
         raise ValueError(f"rl.rollout_batch_size={rl.rollout_batch_size} is not divisible by "
                          f"rl.group_size={rl.group_size}")
@@ -363,16 +434,25 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
     if cfg.sampling.prompts_per_call and cfg.prompts_per_rollout % cfg.sampling.prompts_per_call:
         raise ValueError(f"rollout prompts ({cfg.prompts_per_rollout}) not divisible by "
                          f"sampling.prompts_per_call={cfg.sampling.prompts_per_call}")
-    if not 0 <= rl.clip_low < 1 or rl.clip_high < 0:
-        raise ValueError("rl.clip_low must be in [0, 1) and rl.clip_high >= 0")
-    if rl.kl_beta < 0:
-        raise ValueError("rl.kl_beta must be >= 0")
-    if cfg.sampling.max_new_tokens < 1:
-        raise ValueError("sampling.max_new_tokens must be >= 1")
     if tr.warmup_sft_steps and cfg.data.source != "synthetic":
         raise ValueError("train.warmup_sft_steps is only for data.source='synthetic'")
-    if cfg.model.preset == "custom" and cfg.model.num_heads % cfg.model.num_kv_heads:
-        raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
+    if cfg.model.preset == "custom":
+        m = cfg.model
+        if m.num_heads % m.num_kv_heads:
+            raise ValueError(f"model.num_heads={m.num_heads} must be a multiple of "
+                             f"model.num_kv_heads={m.num_kv_heads}")
+        longest = cfg.data.max_prompt_tokens + max(cfg.sampling.max_new_tokens,
+                                                   cfg.eval.max_new_tokens)
+        if longest > m.max_position_embeddings:
+            raise ValueError(f"data.max_prompt_tokens + max_new_tokens = {longest} exceeds "
+                             f"model.max_position_embeddings={m.max_position_embeddings}")
+        if m.vocab_size and cfg.sampling.top_k > m.vocab_size:
+            raise ValueError(f"sampling.top_k={cfg.sampling.top_k} exceeds "
+                             f"model.vocab_size={m.vocab_size}")
+    if cfg.checkpoint.keep_every and cfg.checkpoint.every \
+            and cfg.checkpoint.keep_every % cfg.checkpoint.every:
+        raise ValueError(f"checkpoint.keep_every={cfg.checkpoint.keep_every} is not a multiple of "
+                         f"checkpoint.every={cfg.checkpoint.every}: those steps are never saved")
     if num_devices is None and cfg.mesh.num_cpu_devices:
         num_devices = cfg.mesh.num_cpu_devices
     sizes = parse_mesh_spec(cfg.mesh.spec, num_devices)

@@ -69,36 +69,57 @@ def _create_bucket(url: str, name: str) -> None:
         assert resp.status == 200, resp.read()
 
 
+class EmulatorProcess:
+    """fake-gcs-server on one loopback port that a test can stop (as a crash) and start again;
+    with `root`, objects live on disk and survive the restart."""
+
+    def __init__(self, port: int | None = None, root: str | None = None):
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.root = root
+        self.log_path = os.path.join(tempfile.mkdtemp(prefix="fake-gcs-"), "server.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        backend = ["-backend", "filesystem", "-filesystem-root", self.root] if self.root \
+            else ["-backend", "memory"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+                 *backend, "-external-url", self.url, "-log-level", "warn"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        _wait_ready(self.url, self.proc, self.log_path)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
 @contextlib.contextmanager
-def fake_gcs_server(bucket: str = BUCKET):
+def fake_gcs_server(bucket: str = BUCKET, root: str | None = None):
     """Runs fake-gcs-server with one bucket and points every GCS client at it via
-    STORAGE_EMULATOR_HOST (see r1zero_jax.paths.configure_gcs_emulator)."""
-    log_dir = tempfile.mkdtemp(prefix="fake-gcs-")
-    log_path = os.path.join(log_dir, "server.log")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-             "-backend", "memory", "-external-url", url, "-log-level", "warn"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+    STORAGE_EMULATOR_HOST (see r1zero_jax.paths.configure_gcs_emulator). Yields
+    (GcsEmulator, EmulatorProcess)."""
+    server = EmulatorProcess(root=root)
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     try:
-        _wait_ready(url, proc, log_path)
-        _create_bucket(url, bucket)
-        os.environ["STORAGE_EMULATOR_HOST"] = url
+        server.start()
+        _create_bucket(server.url, bucket)
+        os.environ["STORAGE_EMULATOR_HOST"] = server.url
         from r1zero_jax import paths
 
         paths.configure_gcs_emulator()
-        yield GcsEmulator(url=url, bucket=bucket, log_path=log_path)
+        yield GcsEmulator(url=server.url, bucket=bucket, log_path=server.log_path), server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if server.proc is not None:
+            server.proc.terminate()
+            try:
+                server.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                server.kill()
         if saved is None:
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
@@ -108,5 +129,5 @@ def fake_gcs_server(bucket: str = BUCKET):
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A session-wide fake-gcs-server with the bucket `r1zero-test`."""
-    with fake_gcs_server() as emulator:
+    with fake_gcs_server() as (emulator, _):
         yield emulator

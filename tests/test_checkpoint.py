@@ -261,7 +261,7 @@ def test_gcs_errors_are_clear_and_fast(gcs_emulator, monkeypatch):
         restore_params("gs://no-such-bucket/run")
     with socket_bound() as dead_port:  # bound but never accepting: nothing answers there
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{dead_port}")
-        with pytest.raises(RuntimeError, match="cannot reach the GCS endpoint|did not answer"):
+        with pytest.raises(paths.GcsError, match="bucket .r1zero-test.* failed .*refused"):
             Checkpointer(gcs_emulator.gs("run"), save_every=1)
     with forbidding_server() as url:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
@@ -390,3 +390,56 @@ def test_preemption_on_two_hosts_stops_both_at_one_step():
     assert [h.returncode for h in hosts] == [PREEMPTED_EXIT_CODE] * 2, outs
     stops = [[ln for ln in out.splitlines() if ln.startswith("STOP")] for out in outs]
     assert len(stops[0]) == 1 and stops[0] == stops[1], stops
+
+
+def _data_files(step_dir: str) -> list[str]:
+    """The array data files (OCDBT `d/` blobs) of one saved step, local or gs://."""
+    found = []
+    for sub in ("state/d", "state/ocdbt.process_0/d"):
+        base = paths.join(step_dir, *sub.split("/"))
+        found += [paths.join(base, n) for n in paths.listdir(base)]
+    assert found, step_dir
+    return found
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_restore_falls_back_past_a_damaged_latest_step(ckpt_dir, mesh8, damage, capsys):
+    with Checkpointer(ckpt_dir, save_every=1) as ckpt:
+        ckpt.save(1, make_state(1, mesh8), make_meta(1))
+        ckpt.save(2, make_state(2, mesh8), make_meta(2))
+        ckpt.wait()
+    for f in _data_files(paths.join(ckpt_dir, "2")):
+        if damage == "truncated":
+            paths.write_bytes(f, paths.read_bytes(f)[:10])
+        else:
+            paths.remove(f)
+    state1 = make_state(1, mesh8)
+    with Checkpointer(ckpt_dir, save_every=1) as ckpt:
+        assert ckpt.latest_step() == 2  # committed, so only reading it shows the damage
+        with pytest.raises(ValueError):  # an explicit step never falls back
+            ckpt.restore(2, abstract_state=abstract(state1, mesh8))
+        restored, meta = ckpt.restore(abstract_state=abstract(state1, mesh8))
+        assert_bit_equal(restored, state1)
+        assert meta == make_meta(1)
+        out = capsys.readouterr().out
+        assert f"checkpoint step 2 in {ckpt.directory} is unreadable" in out, out
+        assert "deleted unreadable checkpoint step 2; continuing from step 1" in out, out
+        # The resumed run can save step 2 again.
+        assert ckpt.all_steps() == [1]
+        assert ckpt.save(2, make_state(2, mesh8), make_meta(2))
+        ckpt.wait()
+    with Checkpointer(ckpt_dir, save_every=1) as ckpt:
+        restored, _ = ckpt.restore(abstract_state=abstract(make_state(2, mesh8), mesh8))
+    assert_bit_equal(restored, make_state(2, mesh8))
+
+
+def test_restore_with_every_step_damaged_names_them(tmp_path, mesh8):
+    with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+        ckpt.save(1, make_state(1, mesh8), make_meta(1))
+        ckpt.wait()
+    for f in _data_files(str(tmp_path / "1")):
+        os.remove(f)
+    with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+        with pytest.raises(ValueError, match=r"no readable checkpoint in .* \(steps \[1\] all failed"):
+            ckpt.restore(abstract_state=abstract(make_state(1, mesh8), mesh8))
+        assert ckpt.all_steps() == [1]  # nothing deleted when nothing could be restored

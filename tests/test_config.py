@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import subprocess
+import time
 import sys
 
 import pytest
@@ -130,3 +131,73 @@ def test_config_file_path_and_default_name(tmp_path):
                  "def config():\n    return RunConfig()\n")
     cfg = C.load_config(str(p), ["mesh.spec=data=1"])
     assert cfg.name == "mine" and dataclasses.is_dataclass(cfg)
+
+
+def test_every_numeric_field_has_a_range():
+    numeric = [k for k in C.leaf_keys() if isinstance(C._get_key(C.RunConfig(), k), (int, float))
+               and not isinstance(C._get_key(C.RunConfig(), k), bool)]
+    assert sorted(numeric) == sorted(C.RANGES)
+
+
+@pytest.mark.parametrize("item,message", [
+    ("eval.batch_size=0", r"eval.batch_size=0 is out of range; allowed: \[1, inf\)"),
+    ("optim.learning_rate=nan", r"optim.learning_rate=nan: must be a finite number in \[0, inf\)"),
+    ("optim.learning_rate=inf", r"optim.learning_rate=inf: must be a finite number"),
+    ("train.warmup_sft_steps=-5", r"train.warmup_sft_steps=-5 is out of range; allowed: \[0, inf\)"),
+    ("train.minibatch_size=0", r"train.minibatch_size=0 is out of range; allowed: \[1, inf\)"),
+    ("sampling.temperature=-1", r"sampling.temperature=-1.0 is out of range; allowed: \[0, inf\)"),
+    ("sampling.top_p=-0.5", r"sampling.top_p=-0.5 is out of range; allowed: \(0, 1\]"),
+    ("checkpoint.keep_last=0", r"checkpoint.keep_last=0 is out of range; allowed: \[1, inf\)"),
+    ("checkpoint.every=-1", r"checkpoint.every=-1 is out of range; allowed: \[0, inf\)"),
+    ("rl.clip_low=1", r"rl.clip_low=1.0 is out of range; allowed: \[0, 1\)"),
+    ("rl.group_size=1", r"rl.group_size=1 is out of range; allowed: \[2, inf\)"),
+])
+def test_bad_numbers_name_key_value_and_range(item, message):
+    with pytest.raises(ValueError, match=message):
+        C.load_config("cpu_smoke", [item])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["sampling.max_new_tokens=120"], r"max_new_tokens = 136 exceeds model.max_position_embeddings=128"),
+    (["eval.max_new_tokens=200"], r"max_new_tokens = 216 exceeds"),
+    (["sampling.top_k=33"], r"sampling.top_k=33 exceeds model.vocab_size=32"),
+    (["checkpoint.keep_every=15"], r"checkpoint.keep_every=15 is not a multiple of checkpoint.every=10"),
+    (["model.num_kv_heads=3"], r"model.num_heads=4 must be a multiple of model.num_kv_heads=3"),
+])
+def test_cross_field_constraints(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        C.load_config("cpu_smoke", overrides)
+
+
+# Each issue example through the real CLI in one fresh process: refused before JAX (so before
+# any model, dataset or device work) and quickly, with nothing written to the workdir.
+_REFUSALS = r"""
+import contextlib, io, json, os, sys, time
+from r1zero_jax.cli import main
+out = []
+for item in sys.argv[2:]:
+    err, t0 = io.StringIO(), time.monotonic()
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", "cpu_smoke", "--workdir", sys.argv[1], "--set", item])
+    out.append({"item": item, "rc": rc, "s": time.monotonic() - t0, "err": err.getvalue()})
+print(json.dumps({"results": out, "jax": "jax" in sys.modules, "wd": os.path.exists(sys.argv[1])}))
+"""
+
+ISSUE_EXAMPLES = ["eval.batch_size=0", "optim.learning_rate=nan", "train.warmup_sft_steps=-5",
+                  "train.minibatch_size=0", "sampling.temperature=-1", "sampling.top_p=-0.5",
+                  "checkpoint.keep_last=0", "checkpoint.every=-1"]
+
+
+def test_cli_refuses_each_bad_number_before_any_model_work(tmp_path):
+    t0 = time.monotonic()
+    wd = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-c", _REFUSALS, wd, *ISSUE_EXAMPLES],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert not report["jax"] and not report["wd"]
+    for r in report["results"]:
+        key = r["item"].split("=")[0]
+        assert r["rc"] == 2 and r["s"] < 10, r
+        assert r["err"].startswith(f"r1zero-jax train: error: {key}="), r
+    assert time.monotonic() - t0 < 60

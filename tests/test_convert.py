@@ -171,3 +171,29 @@ def test_checkpoint_saved_on_data8_restores_on_fsdp4_tensor2_with_equal_logits(t
     a = saved_model(jnp.asarray(tokens), pos, jnp.asarray(mask))[0]
     b = restored(jnp.asarray(tokens), pos, jnp.asarray(mask))[0]
     np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], atol=1e-6)
+
+
+def test_mislabelled_or_misshaped_weights_are_refused_naming_the_tensor(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_hf_model(src)
+    tensors = _tensors(src)
+    name = "model.layers.1.mlp.down_proj.weight"
+    # The float32 bytes unchanged, labelled I32: same size, so only the dtype can tell.
+    write_safetensors(str(src / "model.safetensors"), {**tensors, name: tensors[name].view(np.int32)})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' has dtype I32; model weights must be "
+                                         "floating point"):
+        conv.load_params(str(src))
+    assert cli.main(["convert", "from-hf", str(src), str(tmp_path / "ours")]) == 2
+    assert name in capsys.readouterr().err
+
+    # Our own checkpoint: an integer array, or one of the wrong shape, is refused on load.
+    write_safetensors(str(src / "model.safetensors"), tensors)
+    config = conv.read_config(str(src))
+    params = conv.read_hf_params(str(src), config)
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    for bad, message in [(params["embed"].astype(np.int32), "has dtype int32; model weights must"),
+                         (params["embed"][:-1], r"has shape \(95, 32\), the model expects \(96, 32\)")]:
+        out = tmp_path / f"ours-{bad.dtype}-{bad.shape[0]}"
+        conv.save_params(str(out), {**params, "embed": bad}, config)
+        with pytest.raises(ValueError, match=rf"array 'embed' {message}"):
+            conv.load_params(str(out), mesh)

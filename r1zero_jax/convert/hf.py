@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from r1zero_jax import paths
-from r1zero_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
+from r1zero_jax.convert.safetensors_io import FLOAT_DTYPES, SafetensorsFile, write_safetensors
 from r1zero_jax.models.qwen2 import (QwenConfig, Qwen2, abstract_model, check_mesh_fits,
                                      model_from_params, param_shardings)
 
@@ -163,6 +163,11 @@ def read_hf_params(hf_dir: str, config: QwenConfig, mesh: Mesh | None = None,
         if f.shape(name) != _hf_shape(path, shape):
             raise ValueError(f"{hf_dir}: tensor {name!r} has shape {f.shape(name)}, expected "
                              f"{_hf_shape(path, shape)}")
+        # Integer bytes would load as "weights" and generate garbage; a float file mislabelled
+        # I32 has exactly the right size, so only the label can tell.
+        if f.dtype(name) not in FLOAT_DTYPES:
+            raise ValueError(f"{hf_dir}: tensor {name!r} has dtype {f.dtype(name)}; model weights "
+                             f"must be floating point ({', '.join(FLOAT_DTYPES)})")
         w = f.get(name)
         w = np.asarray(to_ours(w, shape))
         if dtype is not None:

@@ -21,6 +21,7 @@ _DTYPES = {
     "BOOL": np.bool_,
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class SafetensorsFile:
@@ -44,6 +45,10 @@ class SafetensorsFile:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The header's dtype name ("F32", "BF16", "I32", ...)."""
+        return self._header[name]["dtype"]
 
     def get(self, name: str) -> np.ndarray:
         info = self._header[name]

@@ -28,6 +28,7 @@ from r1zero_jax.rl import rollout as ro
 from r1zero_jax.rl.learner import (LearnBatch, Learner, TrainState, abstract_state, init_state,
                                    jit_learner, params_of)
 from r1zero_jax.rl.metrics import RunLogger, plot_curves, rollout_metrics
+from r1zero_jax.run_lock import RunLock
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # May change when a run is resumed; anything else needs --allow-config-change.
@@ -117,7 +118,10 @@ def evaluate(model, rows: list[dict], tokenizer, cfg: RunConfig, mesh, pool) -> 
         # Pad the last batch to the full size so only one shape compiles.
         padded = idx + [idx[-1]] * (e.batch_size - len(idx))
         rb = ro.generate(model, [prompts[i] for i in padded], [rows[i]["answer"] for i in padded],
-                         params=sampling, tokenizer=tokenizer, mesh=mesh, seed=0,
+                         params=sampling, tokenizer=tokenizer, mesh=mesh,
+                         # A raw uint32 key, as in training: a typed key made from an int cannot
+                         # be placed on a multi-process mesh (greedy: its value is unused).
+                         seed=jax.random.PRNGKey(0),
                          max_prompt_tokens=cfg.data.max_prompt_tokens)
         ro.grade(rb, template, pool)
         k = len(idx)
@@ -150,6 +154,18 @@ def learner_minibatches(rb: ro.RolloutBatch, old_logp: np.ndarray, advantages: n
                          ref_logp=None if ref_logp is None else shape(ref_logp))
 
 
+def _check_finite(m: dict, ckpt) -> None:
+    """Stops the run at a non-finite loss or gradient norm, before that step is checkpointed:
+    every later step would train on NaN weights, and resuming would restore them."""
+    bad = {k: m[k] for k in ("loss", "grad_norm") if not np.isfinite(m[k])}
+    if bad:
+        ckpt.wait()  # the previous step's save, if still in flight, completes intact
+        raise ValueError(f"step {m['step']}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
+                         + f" is not finite; stopped without checkpointing it (the last checkpoint "
+                         f"in {ckpt.directory} is intact). Lower optim.learning_rate or set "
+                         "optim.clip_norm, then rerun the same command to resume")
+
+
 class Trainer:
     """Dr. GRPO / GRPO training of one config in one run directory (resumable)."""
 
@@ -161,7 +177,24 @@ class Trainer:
         self.workdir = workdir
         self.print = printer if self.is_writer else (lambda *a, **k: None)
         self.allow_config_change = allow_config_change
+        # Storage and the run directory before any model or data work: a dead bucket or a
+        # second trainer on this directory is refused in seconds, not after a model load.
+        for directory in (workdir, self.cfg.checkpoint.directory):
+            paths.check_gcs_bucket(directory)
         paths.makedirs(workdir)
+        self._lock = RunLock(workdir, printer=self.print).acquire() if self.is_writer else None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the run directory (done by `run` at its end)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self) -> None:
         c = self.cfg
         e = c.eval
 
@@ -219,6 +252,14 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, steps: int | None = None) -> dict:
+        """Trains until `steps` (default train.steps), resuming the run directory; returns the
+        summary. Releases the run directory at the end, however it ends."""
+        try:
+            return self._run(steps)
+        finally:
+            self.close()
+
+    def _run(self, steps: int | None = None) -> dict:
         from r1zero_jax.checkpoint import (PREEMPTED_EXIT_CODE, PreemptionGuard,
                                            check_config_compatible)
         from r1zero_jax.rewards.pool import GraderPool
@@ -247,11 +288,13 @@ class Trainer:
         if latest is not None:
             # Compare configs before restoring: a changed model shape then reads as the list of
             # changed fields, not as an Orbax shape error.
-            diffs = check_config_compatible(ckpt.read_meta(latest)["config"], to_dict(c),
+            diffs = check_config_compatible(ckpt.read_meta()["config"], to_dict(c),
                                             self.allow_config_change, ignore=RESUMABLE_CHANGES)
             for d in diffs:
                 self.print(f"config change on resume: {d}")
-            saved, meta = ckpt.restore(latest, abstract_state=self._ckpt_tree(abstract_state(state)))
+            # The newest step that reads back whole: a damaged newer one is named and skipped.
+            saved, meta = ckpt.restore(abstract_state=self._ckpt_tree(abstract_state(state)))
+            latest = meta["step"]
             state = TrainState(step=saved["step"], params=saved["params"],
                                opt_state=saved["opt_state"])
             ref_params = saved.get("ref_params")
@@ -270,12 +313,15 @@ class Trainer:
             if self.eval_rows and eval_before is None:
                 eval_before = self._eval(state.params, pool)["accuracy"]
             for step in range(start, total):
+                if self._lock is not None:
+                    self._lock.check()
                 m, state = self._step(state, step, pipeline, pool, logprobs_fn, step_fn,
                                       ref_params, key)
                 if self.eval_rows and c.eval.every and (step + 1) % c.eval.every == 0 \
                         and step + 1 < total:
                     m["eval_accuracy"] = self._eval(state.params, pool)["accuracy"]
                 logger.log(m)
+                _check_finite(m, ckpt)
                 meta = {"config": to_dict(c), "pipeline": pipeline.state(),
                         "eval_accuracy_before": eval_before, "step": step + 1}
                 tree = self._ckpt_tree(state, ref_params)
