@@ -63,3 +63,25 @@ def test_good_file_still_grades(tmp_path, capsys):
     rows = [json.loads(line) for line in open(out)]
     assert [r["reward"] for r in rows] == [1.0, 0.0]
     assert "accuracy: 1/2" in capsys.readouterr().out
+
+
+def test_output_is_written_chunk_by_chunk(tmp_path, monkeypatch):
+    """Rows graded before a failure are already in --output: the file is written per chunk."""
+    from r1zero_jax.rewards import pool as pool_mod
+
+    path = _write(tmp_path / "in.jsonl", [GOOD, {"response": "\\boxed{5}", "answer": "4"}] * 3)
+    out = tmp_path / "out.jsonl"
+    real, calls = pool_mod.GraderPool.grade, []
+
+    def grade_then_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("grading stopped")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pool_mod.GraderPool, "grade", grade_then_fail)
+    with pytest.raises(RuntimeError, match="grading stopped"):
+        pool_mod.grade_file(path, str(out), workers=1, chunk=2)
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["reward"] for r in rows] == [1.0, 0.0, 1.0, 0.0]  # the first two chunks, in order
+    assert rows[0]["response"] == GOOD["response"] and rows[0]["reason"]

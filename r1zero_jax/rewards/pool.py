@@ -482,27 +482,35 @@ def grade_file(input_path: str, output_path: str | None = None, workers: int | N
     rows = _read_rows(input_path)
     graded: list[GradeResult | None] = [None] * len(rows)
     start = time.monotonic()
-    with GraderPool(workers) as pool:
-        for lo in range(0, len(rows), chunk):
-            idx = range(lo, min(lo + chunk, len(rows)))
-            by_template: dict[str, list[int]] = {}
-            for i in idx:
-                by_template.setdefault(rows[i].get("template", "qwen_math"), []).append(i)
-            for template, ids in by_template.items():
-                res = pool.grade([rows[i]["response"] for i in ids], [rows[i]["answer"] for i in ids],
-                                 template)
-                for i, r in zip(ids, res):
-                    graded[i] = r
-            done, dt = idx.stop, time.monotonic() - start
-            rate = done / max(dt, 1e-9)
-            print(f"graded {done}/{len(rows)} ({rate:.0f}/s, ETA {(len(rows) - done) / rate:.0f} s)",
-                  file=sys.stderr)
-        deaths = pool.worker_deaths
-    if output_path:
-        with open(output_path, "w") as f:
-            for row, r in zip(rows, graded):
-                f.write(json.dumps({**row, "reward": r.reward, "extracted": r.extracted,
-                                    "reason": r.reason}) + "\n")
+    # Opened before any grading (an unwritable path fails at once) and written chunk by chunk,
+    # so rows graded before a failure are kept.
+    out = open(output_path, "w") if output_path else None
+    try:
+        with GraderPool(workers) as pool:
+            for lo in range(0, len(rows), chunk):
+                idx = range(lo, min(lo + chunk, len(rows)))
+                by_template: dict[str, list[int]] = {}
+                for i in idx:
+                    by_template.setdefault(rows[i].get("template", "qwen_math"), []).append(i)
+                for template, ids in by_template.items():
+                    res = pool.grade([rows[i]["response"] for i in ids],
+                                     [rows[i]["answer"] for i in ids], template)
+                    for i, r in zip(ids, res):
+                        graded[i] = r
+                if out is not None:
+                    for i in idx:
+                        r = graded[i]
+                        out.write(json.dumps({**rows[i], "reward": r.reward,
+                                              "extracted": r.extracted, "reason": r.reason}) + "\n")
+                    out.flush()
+                done, dt = idx.stop, time.monotonic() - start
+                rate = done / max(dt, 1e-9)
+                print(f"graded {done}/{len(rows)} ({rate:.0f}/s, ETA "
+                      f"{(len(rows) - done) / rate:.0f} s)", file=sys.stderr)
+            deaths = pool.worker_deaths
+    finally:
+        if out is not None:
+            out.close()
     correct = sum(r.reward for r in graded)
     timeouts = sum(r.timed_out for r in graded)
     acc = correct / len(rows) if rows else 0.0
