@@ -267,7 +267,8 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
                 f"...", flush=True)
         lowered = lower()
         compiled = lowered.compile()
-        out[name] = dict(analyse(compiled, resident_bytes), compile_s=round(time.perf_counter() - t0, 1))
+        out[name] = dict(analyse(compiled, resident_bytes),
+                         compile_s=round(time.perf_counter() - t0, 1))
         printer(f"compiled {name} in {out[name]['compile_s']:.0f}s", flush=True)
         if keep is not None:
             keep[name] = compiled
@@ -301,8 +302,7 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
         abs_state.replace_by_pure_dict(params)
         abs_state = sampler.serving_state(abs_state, mesh, dtype)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-        key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                                   sharding=rep)
+        key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)  # the trainer's raw key
         tables = finals = None
         if stop_strings:
             longest = max(len(x.encode("utf-8")) for x in stop_strings)
