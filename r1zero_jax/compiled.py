@@ -212,20 +212,14 @@ def analyse(compiled, resident_bytes: int = 0) -> dict[str, Any]:
         "argument_bytes": int(mem.argument_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),
         "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
-        "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        "flops": float(cost.get("flops", 0.0)),
+        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
         "collectives_per_step": coll["count"], "collective_bytes_per_step": coll["bytes"],
         "collectives_by_op": coll["by_op"], "largest_collectives": coll["largest"],
     }
 
 
 # -- the run's programs --------------------------------------------------------------------------
-def _abstract(tree, shardings):
-    import jax
-
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                        shardings)
-
-
 def _tree_bytes_per_chip(tree) -> int:
     import jax
 
@@ -253,7 +247,7 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
     dtype, param_dtype = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
     model = abstract_model(qconfig, dtype=dtype, param_dtype=param_dtype, remat=m.remat)
     graphdef, abs_state = nnx.split(model)
-    params = _abstract(nnx.state(model, nnx.Param).to_pure_dict(),
+    params = shd.abstract(nnx.state(model, nnx.Param).to_pure_dict(),
                        param_shardings(model, mesh).to_pure_dict())
     learner = Learner.from_config(cfg, qconfig)
     state = abstract_train_state(params, learner.tx, mesh)
@@ -314,7 +308,7 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
             abs_state, rows(jnp.int32), rows(bool), key, scalar, scalar, tables, finals,
             **static), resident_bytes=resident)
         if "decode" in programs:
-            loop = _abstract(lowered.out_info, compiled.output_shardings)
+            loop = shd.abstract(lowered.out_info, compiled.output_shardings)
             run("decode", lambda: sampler.decode.lower(abs_state, loop, scalar, scalar, tables,
                                                        finals, **static), resident_bytes=resident)
         if "prefill" not in programs:

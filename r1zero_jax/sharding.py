@@ -154,6 +154,13 @@ def constrain(x, logical_axes: Iterable[str | None]):
     return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, logical_axes))
 
 
+def abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (a matching tree): inputs to
+    lower and compile a program without allocating anything."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                        shardings)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -394,24 +394,23 @@ class Qwen2(nnx.Module):
                             index=cache.index + t)
         return self.final_norm(x), cache
 
-    def head_weight(self):
-        """The LM head in the compute dtype: [V, D] (tied embeddings) or [D, V]. For T > 1 it is
-        gathered over fsdp (kept vocab-sharded over tensor) once; a caller that runs the head over
-        chunks of positions takes it outside its loop."""
-        if self.config.tie_word_embeddings:
-            return shd.constrain(self.embed[...].astype(self.dtype), ("act_vocab", "vocab_embed"))
-        return shd.constrain(self.lm_head[...].astype(self.dtype), ("vocab_embed", "act_vocab"))
+    def head_weight(self, gather: bool = True):
+        """The LM head in the compute dtype: [V, D] (tied embeddings) or [D, V]. `gather` (T > 1):
+        gathered over fsdp, kept vocab-sharded over tensor; a caller that runs the head over
+        chunks of positions takes it once, outside its loop. A decode step reads the
+        vocab-sharded weight where it lies."""
+        tied = self.config.tie_word_embeddings
+        w = (self.embed if tied else self.lm_head)[...].astype(self.dtype)
+        if not gather:
+            return w
+        axes = ("act_vocab", "vocab_embed") if tied else ("vocab_embed", "act_vocab")
+        return shd.constrain(w, axes)
 
     def logits(self, h, head=None):
-        """h [B,T,D] -> float32 logits [B,T,V] (bf16 matmul, float32 accumulation). `head`: the
-        result of `head_weight()` (T > 1); a decode step reads the vocab-sharded weight in place
-        and leaves its logits vocab-sharded."""
+        """h [B,T,D] -> float32 logits [B,T,V] (bf16 matmul, float32 accumulation), vocab-sharded.
+        `head`: the result of `head_weight()`, else taken here."""
         if head is None:
-            if h.shape[1] > 1:
-                head = self.head_weight()
-            else:
-                head = (self.embed if self.config.tie_word_embeddings else self.lm_head)[...]
-                head = head.astype(self.dtype)
+            head = self.head_weight(gather=h.shape[1] > 1)
         spec = "BTD,VD->BTV" if self.config.tie_word_embeddings else "BTD,DV->BTV"
         return _pin(jnp.einsum(spec, h, head, preferred_element_type=jnp.float32), _LOGIT_AXES)
 

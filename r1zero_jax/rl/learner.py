@@ -130,8 +130,7 @@ def init_state(params: dict, tx: optax.GradientTransformation, mesh: Mesh) -> Tr
 
 def abstract_train_state(params, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """The TrainState of `init_state` as ShapeDtypeStructs (params: abstract, with shardings)."""
-    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
+    opt = shd.abstract(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(mesh))
     return TrainState(step=step, params=params, opt_state=opt)
 

@@ -132,10 +132,12 @@ def _constrain_cache(cache: KVCache, mesh: Mesh) -> KVCache:
 
 def _choose(logits, key, step, temperature, top_p, plan: Plan):
     """logits [R,V] float32, vocab-sharded -> (token [R] int32, log-prob [R] float32)."""
-    step_key = jax.random.fold_in(key, step)
     rows = jnp.arange(logits.shape[0], dtype=jnp.uint32)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows)
-    u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]
+    if plan.greedy:  # no random numbers to draw
+        u = jnp.ones(rows.shape, jnp.float32)
+    else:
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step), rows)
+        u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]
     if plan.greedy or not (plan.top_k or plan.use_top_p):
         return vocab_parallel.choose(logits, u, temperature, greedy=plan.greedy, mesh=plan.mesh)
     # top-k and top-p sort whole rows: each row's logits are gathered over the vocab shards
