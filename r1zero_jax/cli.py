@@ -64,39 +64,11 @@ def _add_grade(sub):
     p.add_argument("--workers", type=int, default=None)
 
     def run(a):
-        from r1zero_jax import jsonl
         from r1zero_jax.rewards.pool import grade_file
 
-        # Both checks before any grading: a bad row or an unwritable output found after an
-        # hour of grading loses the hour.
-        if a.output:
-            jsonl.check_writable(a.output)
-        _check_grade_rows(a.input)
         return grade_file(a.input, a.output, workers=a.workers)
 
     p.set_defaults(func=run)
-
-
-def _check_grade_rows(path: str) -> None:
-    """Each row of a `grade` input holds a string `response` and an `answer` (a string, a number
-    or a non-empty list of them); a bad row is named by its 1-based line in the file."""
-    from r1zero_jax import jsonl
-    from r1zero_jax.rewards.templates import check_template
-
-    scalar = (str, int, float)
-    for line_no, row in jsonl.read_objects(path):
-        if not isinstance(row.get("response"), str):
-            raise ValueError(f"{path}:{line_no}: `response` must be a string, got "
-                             f"{row.get('response')!r:.80}")
-        ans = row.get("answer")
-        if not (isinstance(ans, scalar)
-                or isinstance(ans, list) and ans and all(isinstance(x, scalar) for x in ans)):
-            raise ValueError(f"{path}:{line_no}: `answer` must be a string, a number or a "
-                             f"non-empty list of them, got {ans!r:.80}")
-        try:
-            check_template(row.get("template", "qwen_math"))
-        except ValueError as e:
-            raise ValueError(f"{path}:{line_no}: {e}") from None
 
 
 def _add_train(sub):
@@ -148,7 +120,8 @@ def _add_eval(sub):
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip (and count) longer prompts")
     p.add_argument("--workers", type=int, default=None, help="grader processes")
-    p.add_argument("--grader-timeout", type=float, default=5.0, help="CPU seconds per response (independent of machine load)")
+    p.add_argument("--grader-timeout", type=float, default=5.0,
+                   help="CPU seconds per response (independent of machine load)")
 
     def run(a):
         from r1zero_jax.eval import eval_cli

@@ -466,11 +466,26 @@ def compute_rewards(responses: Sequence[str], answers: Sequence, template: str =
 
 
 def _read_rows(path: str) -> list[dict]:
+    """The rows of a `grade` input, every one checked before any grading: a string `response`,
+    an `answer` (a string, a number or a non-empty list of them) and a known template; a bad row
+    is named by its 1-based line in the file."""
+    scalar = (str, int, float)
     rows = []
     for n, row in jsonl.read_objects(path):
         if "response" not in row or "answer" not in row:
             raise ValueError(f"{path}:{n}: a row needs `response` and `answer`")
-        check_template(row.get("template", "qwen_math"))
+        if not isinstance(row["response"], str):
+            raise ValueError(f"{path}:{n}: `response` must be a string, got "
+                             f"{row['response']!r:.80}")
+        ans = row["answer"]
+        if not (isinstance(ans, scalar)
+                or isinstance(ans, list) and ans and all(isinstance(x, scalar) for x in ans)):
+            raise ValueError(f"{path}:{n}: `answer` must be a string, a number or a "
+                             f"non-empty list of them, got {ans!r:.80}")
+        try:
+            check_template(row.get("template", "qwen_math"))
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
         rows.append(row)
     return rows
 
@@ -479,11 +494,14 @@ def grade_file(input_path: str, output_path: str | None = None, workers: int | N
                chunk: int = 1024) -> int:
     """Grade a JSONL of {response, answer[, template]} (rows written back with reward, extracted
     answer and reason); print accuracy, timeouts and lost workers; return 0."""
+    # Output and rows are checked before any grading: found after an hour of grading, a bad row
+    # or an unwritable output would lose the hour.
+    if output_path:
+        jsonl.check_writable(output_path)
     rows = _read_rows(input_path)
     graded: list[GradeResult | None] = [None] * len(rows)
     start = time.monotonic()
-    # Opened before any grading (an unwritable path fails at once) and written chunk by chunk,
-    # so rows graded before a failure are kept.
+    # Written chunk by chunk, so rows graded before a failure are kept.
     out = open(output_path, "w") if output_path else None
     try:
         with GraderPool(workers) as pool:
