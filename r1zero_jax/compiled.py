@@ -286,7 +286,7 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
         shards = shd.axis_size(mesh, "batch")
         prompts = s.prompts_per_call or cfg.prompts_per_rollout
         rows = lambda dt: jax.ShapeDtypeStruct(  # noqa: E731
-            (-(-prompts // shards) * shards, sampler.padded_prompt_width(tp)), dt,
+            (-(-prompts // shards) * shards, sampler.prompt_width(tp)), dt,
             sharding=shd.logical_sharding(mesh, ("batch", None)))
         stop_strings = STOP_STRINGS[cfg.data.template]
         plan = sampler.Plan(

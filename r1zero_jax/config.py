@@ -67,6 +67,8 @@ class DataConfig:
 
     source: str = "math_lvl3to5_8k"
     template: str = "qwen_math"
+    # "math", or the import spec of a tasks.Task subclass ("my_tasks.py:Countdown")
+    task: str = "math"
     max_prompt_tokens: int = 512
     data_dir: str = ""
     seed: int = 0
@@ -434,8 +436,13 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
     if cfg.sampling.prompts_per_call and cfg.prompts_per_rollout % cfg.sampling.prompts_per_call:
         raise ValueError(f"rollout prompts ({cfg.prompts_per_rollout}) not divisible by "
                          f"sampling.prompts_per_call={cfg.sampling.prompts_per_call}")
-    if tr.warmup_sft_steps and cfg.data.source != "synthetic":
-        raise ValueError("train.warmup_sft_steps is only for data.source='synthetic'")
+    if cfg.data.task != "math":
+        from r1zero_jax.plugins import check_spec
+
+        check_spec(cfg.data.task, "data.task")
+    if tr.warmup_sft_steps and (cfg.data.source != "synthetic" or cfg.data.task != "math"):
+        raise ValueError("train.warmup_sft_steps is only for the synthetic math task "
+                         "(data.source='synthetic', data.task='math')")
     if cfg.model.preset == "custom":
         m = cfg.model
         if m.num_heads % m.num_kv_heads:

@@ -28,13 +28,12 @@ from r1zero_jax import jsonl
 from r1zero_jax.analysis import length_by_correctness, self_reflection
 from r1zero_jax.data.builders import (BENCHMARKS, find_local_file, load_split, read_jsonl_rows,
                                      validate_row)
-from r1zero_jax.data.pipeline import left_pad, make_encoder
-from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template, check_template
+from r1zero_jax.data.pipeline import make_encoder
+from r1zero_jax.rewards.templates import check_template
 
 # Column headers of the paper's Table 4.
 DISPLAY_NAMES = {"aime24": "AIME24", "amc23": "AMC", "math500": "MATH500",
                  "minerva_math": "Minerva", "olympiad_bench": "OlympiadBench"}
-MIN_PROMPT_WIDTH = 32
 RESULTS_FILE, GENERATIONS_FILE = "results.json", "generations.jsonl"
 
 
@@ -253,25 +252,20 @@ def grade_records(records: list[dict], pool, default_template: str = "qwen_math"
     return records
 
 
-def prompt_width(longest: int) -> int:
-    """Prompt width of a batch: the next power of two (>= MIN_PROMPT_WIDTH), so few compile."""
-    return max(MIN_PROMPT_WIDTH, 1 << max(longest - 1, 0).bit_length())
-
-
-def sample_benchmark(model, tokenizer, name: str, rows: Sequence[dict], params, *, template: str,
-                     mesh, pool, batch_size: int = 64, seed: int = 0,
+def sample_benchmark(model, tokenizer, name: str, rows: Sequence[dict], params, *, task, mesh,
+                     pool, batch_size: int = 64, seed: int = 0,
                      max_prompt_tokens: int | None = None,
                      progress: Progress | None = None) -> tuple[list[dict], int]:
     """Graded records (ordered by index, then sample) of one benchmark, and how many prompts
-    were skipped for exceeding `max_prompt_tokens`. Prompts go in batches of `batch_size`,
-    shortest first; every batch of a benchmark has the same prompt count (the last is padded
-    with repeats), so only the prompt width varies between compiles."""
-    from r1zero_jax.sampling.sampler import sample
+    were skipped for exceeding `max_prompt_tokens`. Prompts go through the one generation path
+    in calls of `batch_size`, shortest first (narrow calls for short prompts); each call's
+    responses are graded as the next one samples."""
+    from r1zero_jax.sampling.generation import generate
+    from r1zero_jax.tasks import score
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = [apply_template(template, r["problem"]) for r in rows]
-    tokens = make_encoder(tokenizer)(prompts)
+    tokens = make_encoder(tokenizer)([task.prompt(r) for r in rows])
     keep = [i for i, t in enumerate(tokens) if max_prompt_tokens is None
             or len(t) <= max_prompt_tokens]
     skipped = len(rows) - len(keep)
@@ -283,86 +277,55 @@ def sample_benchmark(model, tokenizer, name: str, rows: Sequence[dict], params, 
     if not keep:
         raise ValueError(f"no prompt of {name} fits max_prompt_tokens={max_prompt_tokens}")
     keep.sort(key=lambda i: len(tokens[i]))
-    pad_id = _pad_id(tokenizer)
-    size = min(batch_size, len(keep))
-    records = []
-    for start in range(0, len(keep), size):
-        idx = keep[start:start + size]
-        batch = [tokens[i] for i in idx] + [tokens[idx[-1]]] * (size - len(idx))
-        ptok, pmask = left_pad(batch, pad_id, prompt_width(max(map(len, batch))))
-        out = sample(model, ptok, pmask, params, seed=seed + start, mesh=mesh,
-                     tokenizer=tokenizer)
-        new = []
-        for b, i in enumerate(idx):
-            for j in range(params.n):
-                r = b * params.n + j
-                new.append({"benchmark": name, "index": i, "sample": j,
+    template = getattr(task, "template", None)
+    records: list[dict] = []
+
+    def grade_call(first: int, out) -> None:
+        idx = keep[first:first + out.size // params.n]
+        answers = [rows[i]["answer"] for i in idx for _ in range(params.n)]
+        s = score(task, pool, out.texts, answers)
+        for r, (i, j) in enumerate((i, j) for i in idx for j in range(params.n)):
+            records.append({"benchmark": name, "index": i, "sample": j,
                             "problem": rows[i]["problem"], "answer": rows[i]["answer"],
                             "template": template, "response": out.texts[r],
                             "length": int(out.lengths[r]),
-                            "finish_reason": str(out.finish_reason[r])})
-        records += grade_records(new, pool, template)
+                            "finish_reason": str(out.finish_reason[r]),
+                            "extracted": s.extracted[r], "correct": bool(s.correct[r]),
+                            "timed_out": bool(s.timed_out[r])})
         if progress is not None:
             progress.update(len(idx), name)
+
+    generate(model, [tokens[i] for i in keep], params, tokenizer=tokenizer, mesh=mesh, seed=seed,
+             prompts_per_call=batch_size, on_call=grade_call)
     records.sort(key=lambda r: (r["index"], r["sample"]))
     return records, skipped
 
 
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        if getattr(tokenizer, attr, None) is not None:
-            return int(getattr(tokenizer, attr))
-    return 0
+def evaluate(model, tokenizer, rows_by_benchmark: Mapping[str, Sequence[dict]], params, *,
+             task, mesh, pool, seed: int = 0, batch_size: int = 64,
+             max_prompt_tokens: int | None = None, progress: bool = False,
+             on_benchmark: Callable[[str, list[dict]], None] | None = None) -> dict:
+    """Sample (`params`, a SamplingParams) and grade every benchmark with `task`'s prompts and
+    rewards; the `summarize` dict (results.json's scores). The `eval` command and the trainer's
+    held-out eval both come here.
 
-
-def make_sampling_params(*, template: str, max_new_tokens: int,
-                         temperature: float = 0.0, top_p: float = 1.0, n: int = 1):
-    """Sampler settings for eval: the template's stop string (r1: </answer>) ends a response,
-    as do the tokenizer's EOS and Qwen's end-of-turn tokens (the sampler adds those)."""
-    from r1zero_jax.sampling.sampler import SamplingParams
-
-    if n > 1 and temperature == 0:
-        raise ValueError(f"n={n} samples per problem need temperature > 0 (greedy samples are "
-                         "all the same)")
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          n=n, stop_strings=STOP_STRINGS[check_template(template)])
-
-
-def evaluate(model, tokenizer, rows_by_benchmark: Mapping[str, Sequence[dict]], *,
-             template: str = "qwen_math", max_new_tokens: int = 3000, temperature: float = 0.0,
-             top_p: float = 1.0, n: int = 1, seed: int = 0, batch_size: int = 64,
-             max_prompt_tokens: int | None = None, mesh, pool=None,
-             progress: bool = False, on_benchmark: Callable[[str, list[dict]], None] | None = None,
-             ) -> dict:
-    """Sample and grade every benchmark; the `summarize` dict (results.json's scores).
-
-    `rows_by_benchmark`: {name: [{problem, answer}]}, any names (the trainer's held-out set
-    too); `pool`: a GraderPool (one is started and closed here when None); `on_benchmark`
-    receives each benchmark's graded records as soon as it is done (to write them)."""
-    from r1zero_jax.rewards.pool import GraderPool
-
-    params = make_sampling_params(template=template, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, n=n)
+    `rows_by_benchmark`: {name: [rows]}, any names; `pool`: a grader pool running the task's
+    reward function; `on_benchmark` receives each benchmark's graded records as soon as it is
+    done (to write them). Truncated responses are graded on their text, as in the paper's
+    evaluation (training instead gives them 0, see rl/trainer.py)."""
     if not rows_by_benchmark or not all(rows_by_benchmark.values()):
         raise ValueError("evaluate needs at least one benchmark, each with rows")
-    own_pool = pool is None
-    pool = GraderPool() if own_pool else pool
     bar = Progress(sum(map(len, rows_by_benchmark.values()))) if progress else None
-    try:
-        records, skipped = {}, {}
-        for name, rows in rows_by_benchmark.items():
-            records[name], skipped[name] = sample_benchmark(
-                model, tokenizer, name, rows, params, template=template, mesh=mesh, pool=pool,
-                batch_size=batch_size, seed=seed, max_prompt_tokens=max_prompt_tokens,
-                progress=bar)
-            if on_benchmark is not None:
-                on_benchmark(name, records[name])
-            if bar is not None:
-                bar.update(0, f"{name} done: accuracy "
-                              f"{np.mean([r['correct'] for r in records[name]]):.3f}", force=True)
-    finally:
-        if own_pool:
-            pool.close()
+    records, skipped = {}, {}
+    for name, rows in rows_by_benchmark.items():
+        records[name], skipped[name] = sample_benchmark(
+            model, tokenizer, name, rows, params, task=task, mesh=mesh, pool=pool,
+            batch_size=batch_size, seed=seed, max_prompt_tokens=max_prompt_tokens, progress=bar)
+        if on_benchmark is not None:
+            on_benchmark(name, records[name])
+        if bar is not None:
+            bar.update(0, f"{name} done: accuracy "
+                          f"{np.mean([r['correct'] for r in records[name]]):.3f}", force=True)
     return summarize(records, skipped)
 
 
@@ -495,14 +458,17 @@ def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, tempe
     import jax.numpy as jnp
 
     from r1zero_jax.convert.hf import load_model, load_tokenizer
+    from r1zero_jax.sampling.sampler import SamplingParams
     from r1zero_jax.sharding import make_mesh
+    from r1zero_jax.tasks import MathTask
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"--model {model_path} does not exist")
-    make_sampling_params(template=run["template"], max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, n=n)
+    task = MathTask(run["template"])
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            n=n, stop_strings=task.stop_strings)
     # Fail on data and settings before the (slow) model load.
     rows = load_benchmarks(names, data_dir, source_dir, limit)
     tok = load_tokenizer(tokenizer_path or model_path)
@@ -514,8 +480,7 @@ def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, tempe
     os.makedirs(os.path.dirname(gen_path) or ".", exist_ok=True)
     open(gen_path, "w").close()
     results = evaluate(
-        model, tok, rows, template=run["template"], max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, n=n, seed=seed, batch_size=batch_size,
+        model, tok, rows, params, task=task, seed=seed, batch_size=batch_size,
         max_prompt_tokens=max_prompt_tokens, mesh=mesh, pool=pool, progress=True,
         on_benchmark=lambda name, records: write_jsonl(gen_path, records, append=True))
     run = {**run, "model": os.path.abspath(model_path), "mesh": mesh_spec, "dtype": dtype,

@@ -75,9 +75,13 @@ class PromptPipeline:
     """Endless iterator of this process's batches: dicts with `prompt_tokens` (list of B token
     lists), `prompts`, `problems`, `answers` (as given) and `indices` (positions in `rows`)."""
 
-    def __init__(self, rows: Sequence[dict], tokenizer: Any, config: PipelineConfig):
+    def __init__(self, rows: Sequence[dict], tokenizer: Any, config: PipelineConfig,
+                 prompt: Callable[[dict], str] | None = None):
+        """`prompt`: a row's prompt text (a task's); by default `config.template` applied to the
+        row's problem."""
         self.config = config
-        prompts = [apply_template(config.template, r["problem"]) for r in rows]
+        prompt = prompt or (lambda r: apply_template(config.template, r["problem"]))
+        prompts = [prompt(r) for r in rows]
         tokens = make_encoder(tokenizer)(prompts)
         keep = [i for i, t in enumerate(tokens) if len(t) <= config.max_prompt_tokens]
         self.num_skipped = len(rows) - len(keep)

@@ -6,10 +6,12 @@ arrives on its stdin, a Unix socket, with the worker's two pipe ends attached: a
 ready in milliseconds, so killing workers costs little, and every worker starts from the same
 state. The server exits when the pool closes its socket.
 
-A worker reads JSON lines {"id", "response", "refs", "template"} and answers each with {"id",
-"ok", "reason", "extracted", "cpu"}: every step that reads model text (extraction included) runs
-here, under a CPU-time budget (ITIMER_PROF), and any failure is a 0 with its reason. "cpu" is the
-worker's CPU time after the row, which the pool uses to bound a row stuck in C code.
+The server loads the pool's reward function (an import spec, see plugins.py) once. A worker reads
+JSON lines {"id", "response", "answer", "kwargs"} and answers each with {"id", "reward", "reason",
+"extracted", "cpu"}: the reward function, `fn(response, answer, **kwargs)` returning a reward or
+(reward, extracted[, reason]), is every step that reads model text (extraction included), so it
+runs here, under a CPU-time budget (ITIMER_PROF), and any failure is a 0 with its reason. "cpu" is
+the worker's CPU time after the row, which the pool uses to bound a row stuck in C code.
 """
 
 import gc
@@ -21,9 +23,13 @@ import socket
 import sys
 import time
 
+import math
+
+from r1zero_jax import plugins
 from r1zero_jax.rewards import math_grader
-from r1zero_jax.rewards.extract import extract_answer
 from r1zero_jax.rewards.normalize import normalize
+
+MATH_REWARD = "r1zero_jax.rewards.math_grader:reward"
 
 MEMORY_LIMIT_BYTES = 2 << 30  # a runaway sympy computation raises MemoryError instead of swapping
 _WARM_UP = (  # code paths whose first call is slow (imports inside sympy, caches of constants)
@@ -43,15 +49,29 @@ def _on_cpu_timer(signum, frame):
     raise CpuTimeout
 
 
-def grade_row(task: dict, cpu_budget_s: float) -> dict:
-    """The verdict on one row, within `cpu_budget_s` of CPU time. Raises nothing but a CpuTimeout
-    that fires while an error is being handled (the caller answers that row as a timeout)."""
-    extracted, ok, reason = None, False, "no answer"
+def _verdict(out) -> tuple[float, str | None, str]:
+    """(reward, extracted, reason) of a reward function's return value."""
+    if not isinstance(out, tuple):
+        out = (out,)
+    if not 1 <= len(out) <= 3:
+        raise TypeError(f"a reward function returned {len(out)} values")
+    reward = float(out[0])
+    if not math.isfinite(reward):
+        raise ValueError(f"a reward function returned {reward}")
+    extracted = None if len(out) < 2 or out[1] is None else str(out[1])
+    reason = str(out[2]) if len(out) == 3 else ""
+    return reward, extracted, reason
+
+
+def grade_row(task: dict, fn, cpu_budget_s: float) -> dict:
+    """The verdict of `fn` on one row, within `cpu_budget_s` of CPU time. Raises nothing but a
+    CpuTimeout that fires while an error is being handled (the caller answers that row as a
+    timeout)."""
+    extracted, reward, reason = None, 0.0, ""
     signal.setitimer(signal.ITIMER_PROF, cpu_budget_s)
     try:
-        extracted = extract_answer(task["response"], task["template"])
-        if extracted is not None:
-            ok, reason = math_grader.judge(extracted, task["refs"])
+        reward, extracted, reason = _verdict(fn(task["response"], task["answer"],
+                                                **task.get("kwargs", {})))
     except CpuTimeout:
         reason = "timeout"
     except MemoryError:
@@ -62,11 +82,11 @@ def grade_row(task: dict, cpu_budget_s: float) -> dict:
         reason = f"error: {type(e).__name__}"
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)
-    return {"id": task["id"], "ok": bool(ok), "reason": reason, "extracted": extracted,
+    return {"id": task["id"], "reward": reward, "reason": reason, "extracted": extracted,
             "cpu": time.process_time()}
 
 
-def _serve(rfd: int, wfd: int, cpu_budget_s: float) -> None:
+def _serve(rfd: int, wfd: int, fn, cpu_budget_s: float) -> None:
     out = os.fdopen(wfd, "wb", buffering=0)
     ready = {"ready": True, "pid": os.getpid(), "cpu": time.process_time()}
     out.write((json.dumps(ready) + "\n").encode())
@@ -76,14 +96,14 @@ def _serve(rfd: int, wfd: int, cpu_budget_s: float) -> None:
         except ValueError:
             continue  # the pool writes whole lines; a torn one cannot be answered by id
         try:
-            reply = grade_row(task, cpu_budget_s)
+            reply = grade_row(task, fn, cpu_budget_s)
         except CpuTimeout:  # the timer fired while grade_row was already handling an error
-            reply = {"id": task["id"], "ok": False, "reason": "timeout", "extracted": None,
+            reply = {"id": task["id"], "reward": 0.0, "reason": "timeout", "extracted": None,
                      "cpu": time.process_time()}
         out.write((json.dumps(reply) + "\n").encode())
 
 
-def _fork_worker(sock: socket.socket, fds: list[int], cpu_budget_s: float) -> None:
+def _fork_worker(sock: socket.socket, fds: list[int], fn, cpu_budget_s: float) -> None:
     try:
         pid = os.fork()
     except OSError:
@@ -93,7 +113,7 @@ def _fork_worker(sock: socket.socket, fds: list[int], cpu_budget_s: float) -> No
         try:
             sock.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _serve(fds[0], fds[1], cpu_budget_s)
+            _serve(fds[0], fds[1], fn, cpu_budget_s)
             code = 0
         finally:
             os._exit(code)
@@ -102,14 +122,16 @@ def _fork_worker(sock: socket.socket, fds: list[int], cpu_budget_s: float) -> No
 
 
 def main() -> None:
-    cpu_budget_s = float(sys.argv[1])
+    cpu_budget_s, spec = float(sys.argv[1]), sys.argv[2]
     try:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     except (ValueError, OSError):
         pass  # a lower hard limit is already in place
     signal.signal(signal.SIGPROF, _on_cpu_timer)
-    for response, refs in _WARM_UP:
-        grade_row({"id": 0, "response": response, "refs": refs, "template": "qwen_math"}, 60.0)
+    fn = plugins.load(spec, "reward function")
+    if spec == MATH_REWARD:
+        for response, refs in _WARM_UP:
+            grade_row({"id": 0, "response": response, "answer": refs}, fn, 60.0)
     # Workers start cold on answers (as the timing of a row must not depend on which worker got it)
     # but warm on sympy's imports; frozen objects are not touched by the workers' collections, so
     # their pages stay shared with the server.
@@ -127,7 +149,7 @@ def main() -> None:
         if not msg:
             return  # the pool closed its end
         if len(fds) == 2:
-            _fork_worker(sock, fds, cpu_budget_s)
+            _fork_worker(sock, fds, fn, cpu_budget_s)
         else:
             for fd in fds:
                 os.close(fd)

@@ -297,3 +297,16 @@ def judge(pred: str, ref: str | list[str]) -> tuple[bool, str]:
             structure(normalize(r).text)[0] in ("set", "pm") for r in _refs(ref)):
         return False, "hedge"
     return False, "not equal"
+
+
+def reward(response: str, answer, template: str = "qwen_math") -> tuple[float, str | None, str]:
+    """The math task's reward function (run in a grader worker): 1.0 when the answer extracted
+    from `response` under `template` equals a reference (`answer`: one or a list), else 0.0;
+    with the extracted answer and the reason."""
+    from r1zero_jax.rewards.extract import extract_answer
+
+    extracted = extract_answer(response, template)
+    if extracted is None:
+        return 0.0, None, "no answer"
+    ok, reason = judge(extracted, answer)
+    return float(ok), extracted, reason

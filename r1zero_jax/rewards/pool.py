@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import r1zero_jax
-from r1zero_jax import jsonl
+from r1zero_jax import jsonl, plugins
+from r1zero_jax.rewards._worker import MATH_REWARD  # noqa: F401 (re-exported)
 from r1zero_jax.rewards.extract import MAX_RESPONSE_CHARS
 from r1zero_jax.rewards.templates import check_template
 
@@ -48,7 +49,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 @dataclass(frozen=True)
 class GradeResult:
-    reward: float  # 1.0 or 0.0
+    reward: float  # the reward function's (math: 1.0 or 0.0)
     extracted: str | None  # the answer found in the response
     timed_out: bool
     reason: str = ""  # equal, not equal, hedge, no answer, timeout, worker died, memory, ...
@@ -150,13 +151,13 @@ class _Worker:
 class _Server:
     """The fork server: one process that forks ready-to-grade workers on request."""
 
-    def __init__(self, cpu_budget_s: float):
+    def __init__(self, cpu_budget_s: float, reward_fn: str):
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(r1zero_jax.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "r1zero_jax.rewards._worker", repr(cpu_budget_s)],
+            [sys.executable, "-m", "r1zero_jax.rewards._worker", repr(cpu_budget_s), reward_fn],
             stdin=theirs, stdout=subprocess.DEVNULL, env=env,
         )
         theirs.close()
@@ -190,21 +191,27 @@ def default_workers() -> int:
 class GraderPool:
     """Context manager grading batches of responses, each row bounded by `timeout_s` CPU seconds.
 
-    Counters over the pool's life: `timeouts`, `worker_deaths` (workers that died holding rows),
-    `start_failures` (workers that died before reporting ready), `server_restarts`."""
+    `reward_fn`: the import spec of the reward function the workers run (plugins.py), the math
+    grader by default. Counters over the pool's life: `timeouts`, `worker_deaths` (workers that
+    died holding rows), `start_failures` (workers that died before reporting ready),
+    `server_restarts`."""
 
-    def __init__(self, workers: int | None = None, timeout_s: float = 2.0):
+    def __init__(self, workers: int | None = None, timeout_s: float = 2.0,
+                 reward_fn: str = MATH_REWARD):
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        # Loaded here too, so a bad spec is named at once rather than as a dead server.
+        plugins.load(reward_fn, "reward function")
+        self.reward_fn = plugins.absolute(reward_fn)
         self.timeout_s = timeout_s
         self.timeouts = self.worker_deaths = self.start_failures = self.server_restarts = 0
         self._lock = threading.Lock()
         self._server_failures = 0
         self._failed_starts, self._failing_since = 0, 0.0  # the current run of failed starts
         self._ever_ready = False
-        self._server: _Server | None = _Server(timeout_s)
+        self._server: _Server | None = _Server(timeout_s, self.reward_fn)
         self._workers = [self._server.spawn() for _ in range(workers or default_workers())]
         self._closed = False
 
@@ -235,17 +242,20 @@ class GraderPool:
 
     def grade(self, responses: Sequence[str], answers: Sequence, template: str = "qwen_math"
               ) -> list[GradeResult]:
-        """One GradeResult per response, in order; `answers[i]` is a string (or number) or a list
-        of them. Raises only on bad arguments, never because of what a response contains."""
-        check_template(template)
+        """One GradeResult per response, in order. Raises only on bad arguments, never because
+        of what a response contains. For the math reward, `answers[i]` is a string (or number)
+        or a list of them and `template` says where the answer is; another reward function gets
+        (response, answer) with any JSON answer."""
+        math_reward = self.reward_fn == MATH_REWARD
+        kwargs = {"template": check_template(template)} if math_reward else {}
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
-        rows: list[tuple[str, list[str]]] = []
+        rows: list[tuple[str, object]] = []
         results: list[GradeResult | None] = [None] * len(responses)
         for i, (resp, ans) in enumerate(zip(responses, answers)):
             if not isinstance(resp, str):
                 raise TypeError(f"response {i} is {type(resp).__name__}, expected str")
-            rows.append((resp, _references(ans, i)))
+            rows.append((resp, _references(ans, i) if math_reward else ans))
             if len(resp) > MAX_RESPONSE_CHARS:  # not read at all: it earns nothing
                 results[i] = GradeResult(0.0, None, False, "too long")
         pending = deque(i for i, r in enumerate(results) if r is None)
@@ -253,7 +263,7 @@ class GraderPool:
             with self._lock:
                 if self._closed:
                     raise RuntimeError("GraderPool is closed")
-                self._run(rows, template, pending, results)
+                self._run(rows, kwargs, pending, results)
         return results
 
     # -- the event loop ----------------------------------------------------------------------
@@ -273,7 +283,7 @@ class GraderPool:
                         f"grader server exited {self._server_failures} times before any worker "
                         f"started (last exit code {code}): is the install broken?")
                 time.sleep(min(0.1 * 2 ** self._server_failures, 10.0))
-        self._server = _Server(self.timeout_s)
+        self._server = _Server(self.timeout_s, self.reward_fn)
         self.server_restarts += 1
 
     def _replace(self, w: _Worker, pending: deque, results: list, *, penalise: bool,
@@ -339,7 +349,7 @@ class GraderPool:
             return False
         i = w.answered()
         reason = m["reason"]
-        results[i] = GradeResult(float(m["ok"]), m["extracted"], reason == "timeout", reason)
+        results[i] = GradeResult(float(m["reward"]), m["extracted"], reason == "timeout", reason)
         w.start_row(m["cpu"])
         if reason in ("timeout", "memory"):
             # Interrupted mid-computation: sympy's caches may be half-written. A fresh worker.
@@ -384,11 +394,11 @@ class GraderPool:
         w.next_check = wall + max(limit - used, 0.01)
         return w.row_wall + w.next_check
 
-    def _run(self, rows: list, template: str, pending: deque, results: list) -> None:
+    def _run(self, rows: list, kwargs: dict, pending: deque, results: list) -> None:
         deaths: dict[int, int] = {}
 
         def encode(i: int) -> bytes:
-            task = {"id": i, "response": rows[i][0], "refs": rows[i][1], "template": template}
+            task = {"id": i, "response": rows[i][0], "answer": rows[i][1], "kwargs": kwargs}
             return (json.dumps(task) + "\n").encode()
 
         self._failed_starts, self._failing_since = 0, 0.0  # each call gets STARTUP_TIMEOUT_S

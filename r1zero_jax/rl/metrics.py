@@ -15,26 +15,27 @@ from r1zero_jax import paths
 from r1zero_jax.analysis import has_self_reflection
 
 
-def rollout_metrics(batch, group_size: int) -> dict:
-    """Reward, accuracy, lengths of correct vs incorrect responses, truncation, reflection share,
-    grading timeouts and lost grader workers, and the share of groups without learning signal."""
-    lengths = batch.lengths.astype(np.float64)
-    good, bad = batch.correct, ~batch.correct
+def rollout_metrics(rollout, scores, rewards: np.ndarray, group_size: int) -> dict:
+    """Reward (`rewards`, what the learner sees), accuracy (solved by the task's scores), lengths
+    of correct vs incorrect responses, truncation, reflection share, grading timeouts and lost
+    grader workers, and the share of groups without learning signal."""
+    lengths = rollout.lengths.astype(np.float64)
+    good, bad = scores.correct, ~scores.correct
 
     def mean(x):
         return float(x.mean()) if x.size else float("nan")
 
     return {
-        "reward_mean": float(batch.rewards.mean()),
-        "accuracy": float(batch.correct.mean()),
+        "reward_mean": float(rewards.mean()),
+        "accuracy": float(good.mean()),
         "response_length": mean(lengths),
         "response_length_correct": mean(lengths[good]),
         "response_length_incorrect": mean(lengths[bad]),
-        "truncation_rate": float(batch.truncated.mean()),
-        "reflection_rate": float(np.mean([has_self_reflection(t) for t in batch.texts])),
-        "grader_timeouts": int(batch.grader_timed_out.sum()),
-        "grader_worker_deaths": batch.grader_worker_deaths,
-        **group_stats(batch.rewards, group_size),
+        "truncation_rate": float(rollout.truncated.mean()),
+        "reflection_rate": float(np.mean([has_self_reflection(t) for t in rollout.texts])),
+        "grader_timeouts": int(scores.timed_out.sum()),
+        "grader_worker_deaths": scores.worker_deaths,
+        **group_stats(rewards, group_size),
     }
 
 

@@ -1,9 +1,11 @@
 """The RL loop; the only place that knows the order of stages.
 
-Each step: prompts -> sampler (same mesh, same weights, no copy) -> grader -> advantages ->
-old log-probs recomputed by the learner (gap to the sampler's logged) -> optimizer steps over
-minibatches -> metrics (metrics.jsonl, TensorBoard, one progress line) -> periodic greedy eval ->
-checkpoint. Resumes from the latest checkpoint in the run directory.
+`Trainer(cfg, workdir)` builds the components from the config (task, tokenizer, model, rows,
+learner); `run()` restores or initialises the training state (a fresh run of a random synthetic
+model first gets the optional SFT warm-up stage, rl/warmup.py), then each step is: rollout
+(prompts -> the one generation path -> the task's rewards -> advantages), learn (old log-probs
+recomputed by the learner, optimizer steps over minibatches), and the after-step hooks, each with
+its period: stop checks, metrics, held-out eval (`eval.evaluate`), checkpoint, preemption.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +22,17 @@ import numpy as np
 
 from r1zero_jax import paths
 from r1zero_jax import sharding as shd
+from r1zero_jax import tasks
 from r1zero_jax.config import RunConfig, to_dict, validate
-from r1zero_jax.data.pipeline import PipelineConfig, PromptPipeline, make_encoder
-from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template
+from r1zero_jax.data.pipeline import PipelineConfig, PromptPipeline
+from r1zero_jax.data.sources import load_rows
 from r1zero_jax.rl import losses
-from r1zero_jax.rl import rollout as ro
 from r1zero_jax.rl.learner import (LearnBatch, Learner, TrainState, abstract_state, init_state,
                                    jit_learner, params_of)
 from r1zero_jax.rl.metrics import RunLogger, plot_curves, rollout_metrics
 from r1zero_jax.run_lock import RunLock
+from r1zero_jax.sampling.generation import generate, sampling_params
+from r1zero_jax.sampling.sampler import Rollout
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # May change when a run is resumed; anything else needs --allow-config-change.
@@ -36,27 +40,7 @@ RESUMABLE_CHANGES = ("name", "train.steps", "log", "eval.every", "checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
-# Data and model
-
-
-def load_rows(source: str, data_dir: str = "", *, split: str = "train", size: int = 0,
-              seed: int = 0) -> list[dict]:
-    """Rows {problem, answer} of a data source (see DataConfig.source)."""
-    if source == "synthetic":
-        from r1zero_jax.data.synthetic import SyntheticTask
-
-        return SyntheticTask().rows(split, size or None, seed)
-    if source.startswith("jsonl:"):
-        from r1zero_jax.data.builders import read_jsonl_rows
-
-        rows = read_jsonl_rows(source[len("jsonl:"):])  # bad rows skipped and counted
-    else:
-        from r1zero_jax.data.builders import load_split
-
-        rows = load_split(source, data_dir or None)
-    if size:
-        rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))[:size]]
-    return rows
+# Model
 
 
 def build_model(cfg: RunConfig, mesh, tokenizer=None):
@@ -87,63 +71,15 @@ def build_model(cfg: RunConfig, mesh, tokenizer=None):
     return qc, params_of(model), tokenizer
 
 
-def sampling_params(cfg: RunConfig, tokenizer, *, n: int, greedy: bool = False,
-                    max_new_tokens: int | None = None):
-    from r1zero_jax.sampling.sampler import SamplingParams
-
-    s = cfg.sampling
-    return SamplingParams(
-        max_new_tokens=max_new_tokens or s.max_new_tokens,
-        temperature=0.0 if greedy else s.temperature,
-        top_p=1.0 if greedy else s.top_p, top_k=0 if greedy else s.top_k, n=n,
-        stop_token_ids=(tokenizer.eos_token_id,),
-        stop_strings=STOP_STRINGS[cfg.data.template])
-
-
 # ---------------------------------------------------------------------------------------------
-# Evaluation
+# One step's pieces
 
 
-def evaluate(model, rows: list[dict], tokenizer, cfg: RunConfig, mesh, pool) -> dict:
-    """Greedy accuracy, mean response length and truncation rate on `rows`."""
-    e, template = cfg.eval, cfg.data.template
-    max_new = e.max_new_tokens or cfg.sampling.max_new_tokens
-    sampling = sampling_params(cfg, tokenizer, n=1, greedy=True, max_new_tokens=max_new)
-    encode = make_encoder(tokenizer)
-    prompts = encode([apply_template(template, r["problem"]) for r in rows])
-    keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_tokens]
-    correct, lengths, truncated = [], [], []
-    for start in range(0, len(keep), e.batch_size):
-        idx = keep[start:start + e.batch_size]
-        # Pad the last batch to the full size so only one shape compiles.
-        padded = idx + [idx[-1]] * (e.batch_size - len(idx))
-        rb = ro.generate(model, [prompts[i] for i in padded], [rows[i]["answer"] for i in padded],
-                         params=sampling, tokenizer=tokenizer, mesh=mesh,
-                         # A raw uint32 key, as in training: a typed key made from an int cannot
-                         # be placed on a multi-process mesh (greedy: its value is unused).
-                         seed=jax.random.PRNGKey(0),
-                         max_prompt_tokens=cfg.data.max_prompt_tokens)
-        ro.grade(rb, template, pool)
-        k = len(idx)
-        correct += list(rb.rewards[:k] > 0)
-        lengths += list(rb.lengths[:k])
-        truncated += list(rb.truncated[:k])
-    n = len(correct)
-    return {"accuracy": float(np.mean(correct)) if n else 0.0,
-            "response_length": float(np.mean(lengths)) if n else 0.0,
-            "truncation_rate": float(np.mean(truncated)) if n else 0.0,
-            "n": n, "skipped": len(rows) - len(keep)}
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer
-
-
-def learner_minibatches(rb: ro.RolloutBatch, old_logp: np.ndarray, advantages: np.ndarray,
+def learner_minibatches(rollout: Rollout, old_logp: np.ndarray, advantages: np.ndarray,
                         loss_mask: np.ndarray, ref_logp: np.ndarray | None, *, minibatch: int,
                         microbatch: int, order: np.ndarray):
     """Host LearnBatches [A, M, ...] over the rollout in `order`."""
-    tokens, input_mask = rb.learner_inputs()
+    tokens, input_mask = rollout.learner_inputs()
     a = minibatch // microbatch
     for start in range(0, len(order), minibatch):
         idx = order[start:start + minibatch]
@@ -152,6 +88,14 @@ def learner_minibatches(rb: ro.RolloutBatch, old_logp: np.ndarray, advantages: n
                          loss_mask=shape(loss_mask), old_logp=shape(old_logp),
                          advantages=shape(advantages),
                          ref_logp=None if ref_logp is None else shape(ref_logp))
+
+
+def training_rewards(rollout: Rollout, scores: tasks.Scores) -> np.ndarray:
+    """float32 [R]: the task's rewards, with 0 for a response cut at max_new_tokens. A cut
+    response has no final answer of its own making (a number it was still writing can match by
+    accident), and rewarding it would teach the policy that running out of tokens is fine; the
+    paper does the same. Evaluation grades cut responses on their text instead (eval.py)."""
+    return np.where(rollout.truncated, 0.0, scores.rewards).astype(np.float32)
 
 
 def _check_finite(m: dict, ckpt) -> None:
@@ -164,6 +108,35 @@ def _check_finite(m: dict, ckpt) -> None:
                          + f" is not finite; stopped without checkpointing it (the last checkpoint "
                          f"in {ckpt.directory} is intact). Lower optim.learning_rate or set "
                          "optim.clip_norm, then rerun the same command to resume")
+
+
+@dataclasses.dataclass
+class Hook:
+    """Runs `fn(step, metrics)` after every `every`-th RL step (step counts from 1)."""
+
+    every: int
+    fn: Callable[[int, dict], None]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end the loop after the current step (preemption)."""
+
+
+@dataclasses.dataclass
+class _RunState:
+    """What the loop carries from step to step."""
+
+    state: TrainState
+    ref_params: Any
+    pipeline: PromptPipeline
+    ckpt: Any
+    logger: RunLogger
+    eval_before: float | None
+    last_eval: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
 
 
 class Trainer:
@@ -184,7 +157,7 @@ class Trainer:
         paths.makedirs(workdir)
         self._lock = RunLock(workdir, printer=self.print).acquire() if self.is_writer else None
         try:
-            self._setup()
+            self._build()
         except BaseException:
             self.close()
             raise
@@ -194,24 +167,182 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
 
-    def _setup(self) -> None:
+    def _build(self) -> None:
+        """The components: task, tokenizer, model, rows, learner."""
         c = self.cfg
-        e = c.eval
-
-        self.tokenizer = None
-        if c.data.source == "synthetic":
+        self.task = tasks.from_config(c.data.task, c.data.template)
+        tokenizer = self.task.tokenizer()
+        if tokenizer is None and c.data.source == "synthetic":
             from r1zero_jax.data.synthetic import SyntheticTokenizer
 
-            self.tokenizer = SyntheticTokenizer()
-        self.qconfig, params, self.tokenizer = build_model(c, self.mesh, self.tokenizer)
+            tokenizer = SyntheticTokenizer()
+        self.qconfig, self._init_params, self.tokenizer = build_model(c, self.mesh, tokenizer)
         if self.tokenizer is None:
             raise ValueError(f"no tokenizer: model.path={c.model.path!r} holds none")
-        self.train_rows = load_rows(c.data.source, c.data.data_dir, split="train", seed=c.data.seed)
-        self.eval_rows = (load_rows(e.source, c.data.data_dir, split="eval", size=e.size, seed=c.data.seed)
-                          if e.source else [])
+        self.train_rows = self._rows(c.data.source, "train", 0)
+        self.eval_rows = self._rows(c.eval.source, "eval", c.eval.size) if c.eval.source else []
         self.learner = Learner.from_config(c, self.qconfig)
         self.bind, self.tx = self.learner.bind, self.learner.tx
-        self._init_params = params
+
+    def _rows(self, source: str, split: str, size: int) -> list[dict]:
+        rows = self.task.rows(split, size, self.cfg.data.seed)
+        return rows if rows is not None else load_rows(
+            source, self.cfg.data.data_dir, split=split, size=size, seed=self.cfg.data.seed)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, steps: int | None = None) -> dict:
+        """Trains until `steps` (default train.steps), resuming the run directory; returns the
+        summary. Releases the run directory at the end, however it ends."""
+        try:
+            return self._run(self.cfg.train.steps if steps is None else steps)
+        finally:
+            self.close()
+
+    def _run(self, total: int) -> dict:
+        from r1zero_jax.checkpoint import PREEMPTED_EXIT_CODE, PreemptionGuard
+
+        t_run = time.perf_counter()
+        run = self._restore_or_init(total)
+        logprobs_fn, step_fn = jit_learner(self.learner, run.state, self.mesh)
+        preempted = False
+        with self.task.pool() as pool, PreemptionGuard() as guard:
+            if self.eval_rows and run.eval_before is None:
+                run.eval_before = self._eval(run.state.params, pool)["accuracy"]
+            hooks = self._hooks(run, pool, guard, total)
+            try:
+                for step in range(int(run.state.step), total):
+                    rollout, scores, rewards = self._rollout(run.state, step, run.pipeline, pool)
+                    m, run.state = self._learn(run.state, run.ref_params, rollout, rewards,
+                                               step, logprobs_fn, step_fn)
+                    m = {"step": step + 1, **rollout_metrics(rollout, scores, rewards,
+                                                             self.cfg.rl.group_size), **m}
+                    for hook in hooks:
+                        if (step + 1) % hook.every == 0:
+                            hook.fn(step + 1, m)
+            except _Stop:
+                preempted = True
+            if self.eval_rows and not preempted:
+                run.last_eval = self._eval(run.state.params, pool)
+                if run.logger.history:
+                    run.logger.history[-1]["eval_accuracy"] = run.last_eval["accuracy"]
+        if not preempted and int(run.state.step) > 0:
+            self._save(run, force=True)
+        run.ckpt.wait()
+        run.ckpt.close()
+        run.logger.close()
+        if preempted:
+            self.print(f"preempted: checkpointed step {int(run.state.step)}; rerun the same "
+                       "command to resume", flush=True)
+            sys.exit(PREEMPTED_EXIT_CODE)
+        return self._finish(run, time.perf_counter() - t_run)
+
+    def _hooks(self, run: _RunState, pool, guard, total: int) -> list[Hook]:
+        """After-step hooks, in order: a stale run lock stops the run; metrics are logged and
+        checked finite before anything is saved; the held-out eval; the checkpoint; preemption."""
+        c = self.cfg
+
+        def check_lock(step, m):
+            if self._lock is not None:
+                self._lock.check()
+
+        def evaluate(step, m):
+            if step < total:  # the final eval runs after the loop
+                m["eval_accuracy"] = self._eval(run.state.params, pool)["accuracy"]
+
+        def log(step, m):
+            run.logger.log(m)
+            _check_finite(m, run.ckpt)
+
+        def save(step, m):
+            if guard.should_stop(step):
+                self._save(run, force=True)
+                run.ckpt.wait()
+                raise _Stop
+            self._save(run)
+
+        hooks = [Hook(1, check_lock)]
+        if self.eval_rows and c.eval.every:
+            hooks.append(Hook(c.eval.every, evaluate))
+        return hooks + [Hook(1, log), Hook(1, save)]
+
+    def _restore_or_init(self, total: int) -> _RunState:
+        """The training state: the run directory's newest readable checkpoint, else the
+        initial weights (after the SFT warm-up stage when configured)."""
+        from r1zero_jax.checkpoint import check_config_compatible
+
+        c = self.cfg
+        pipeline = PromptPipeline(
+            self.train_rows, self.tokenizer,
+            PipelineConfig(template=c.data.template, max_prompt_tokens=c.data.max_prompt_tokens,
+                           batch_size=c.prompts_per_rollout, seed=c.data.seed),
+            prompt=self.task.prompt)
+        ckpt = self._checkpointer()
+        latest = ckpt.latest_step()
+        if self.is_writer:  # the run's checkpoints are model paths too (load_model, to-hf)
+            from r1zero_jax.convert.hf import write_marker
+
+            write_marker(ckpt.directory, self.qconfig)
+        params, self._init_params = self._init_params, None
+        if latest is None and c.train.warmup_sft_steps and not c.model.path:
+            params = self._warmup(params)
+        state = init_state(params, self.tx, self.mesh)
+        ref_params, meta = None, {}
+        if latest is not None:
+            # Compare configs before restoring: a changed model shape then reads as the list of
+            # changed fields, not as an Orbax shape error.
+            diffs = check_config_compatible(ckpt.read_meta()["config"], to_dict(c),
+                                            self.allow_config_change, ignore=RESUMABLE_CHANGES)
+            for d in diffs:
+                self.print(f"config change on resume: {d}")
+            # The newest step that reads back whole: a damaged newer one is named and skipped.
+            saved, meta = ckpt.restore(abstract_state=self._ckpt_tree(abstract_state(state)))
+            state = TrainState(step=saved["step"], params=saved["params"],
+                               opt_state=saved["opt_state"])
+            ref_params = saved.get("ref_params")
+            pipeline.restore(meta["pipeline"])
+            self.print(f"resumed {self.workdir} at step {meta['step']}", flush=True)
+        elif c.rl.kl_beta > 0:
+            ref_params = jax.tree.map(jnp.copy, state.params)
+        logger = RunLogger(self.workdir, total, start_step=int(state.step),
+                           tensorboard=c.log.tensorboard, enabled=self.is_writer,
+                           printer=self.print)
+        return _RunState(state=state, ref_params=ref_params, pipeline=pipeline, ckpt=ckpt,
+                         logger=logger, eval_before=meta.get("eval_accuracy_before"))
+
+    def _finish(self, run: _RunState, wall_s: float) -> dict:
+        """The final weights (`convert to-hf` reads them), summary.json and the curves."""
+        from r1zero_jax.convert.hf import save_params
+
+        c, state = self.cfg, run.state
+        model_dir = paths.join(self.workdir, "model")
+        if self.is_writer and paths.exists(model_dir):
+            paths.remove(model_dir, recursive=True)  # a resumed run replaces its final weights
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("r1zero_model_dir")
+        save_params(model_dir, state.params, self.qconfig)
+        history = run.logger.history
+        eval_before = run.eval_before
+        eval_after = run.last_eval["accuracy"] if run.last_eval else None
+        summary = {
+            "config": c.name, "num_devices": int(self.mesh.devices.size),
+            "num_processes": jax.process_count(), "mesh": shd.mesh_shape(self.mesh),
+            "steps": int(state.step), "eval_accuracy_before": eval_before,
+            "eval_accuracy_after": eval_after,
+            "final_reward_mean": history[-1]["reward_mean"] if history else None,
+            "wall_time_s": round(wall_s, 1),
+            "model_dir": model_dir,
+        }
+        self.state = state
+        if self.is_writer:
+            paths.write_text(paths.join(self.workdir, "summary.json"), json.dumps(summary, indent=2))
+            if c.log.plot and history:
+                plot_curves(history, paths.join(self.workdir, "curves.png"), c.name, eval_before)
+        if eval_before is not None:
+            self.print(f"held-out greedy accuracy: before RL {eval_before:.3f} -> after RL "
+                       f"{eval_after:.3f} ({100 * (eval_after - eval_before):+.1f} points)", flush=True)
+        return summary
 
     # -- pieces --------------------------------------------------------------------------------
     def _checkpointer(self):
@@ -222,6 +353,19 @@ class Trainer:
         return Checkpointer(directory, save_every=k.every or max(self.cfg.train.steps, 1),
                             keep_last=k.keep_last, keep_every=k.keep_every or None,
                             async_save=k.async_save)
+
+    def _save(self, run: _RunState, force: bool = False) -> None:
+        step = int(run.state.step)
+        meta = {"config": to_dict(self.cfg), "pipeline": run.pipeline.state(),
+                "eval_accuracy_before": run.eval_before, "step": step}
+        run.ckpt.save(step, self._ckpt_tree(run.state, run.ref_params), meta, force=force)
+
+    @staticmethod
+    def _ckpt_tree(state: TrainState, ref_params=None) -> dict:
+        tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        if ref_params is not None:
+            tree["ref_params"] = ref_params
+        return tree
 
     def _warmup(self, params: dict) -> dict:
         from r1zero_jax.data.synthetic import SyntheticTask
@@ -235,6 +379,24 @@ class Trainer:
                       lr=t.warmup_sft_lr, batch=t.warmup_sft_batch,
                       seed=t.seed, printer=self.print)
 
+    def _eval(self, params, pool) -> dict:
+        """Greedy accuracy on the held-out rows, through `eval.evaluate`."""
+        from r1zero_jax.eval import evaluate
+
+        c, t0 = self.cfg, time.perf_counter()
+        greedy = sampling_params(c.sampling, n=1, greedy=True, stop_strings=self.task.stop_strings,
+                                 max_new_tokens=c.eval.max_new_tokens)
+        scores = evaluate(self.bind(params), self.tokenizer, {"held_out": self.eval_rows}, greedy,
+                          task=self.task, mesh=self.mesh, pool=pool, batch_size=c.eval.batch_size,
+                          max_prompt_tokens=c.data.max_prompt_tokens)["benchmarks"]["held_out"]
+        r = {"accuracy": scores["accuracy"], "n": scores["n"],
+             "response_length": scores["mean_response_length"],
+             "truncation_rate": scores["truncation_rate"]}
+        self.print(f"eval: greedy accuracy {r['accuracy']:.3f} on {r['n']} problems, "
+                   f"mean length {r['response_length']:.1f}, truncated {r['truncation_rate']:.3f} "
+                   f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        return r
+
     def _logprobs(self, fn, params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         mb = self.cfg.microbatch
         out = [shd.to_host(fn(params, shd.shard_batch(self.mesh, tokens[s:s + mb]),
@@ -242,190 +404,54 @@ class Trainer:
                for s in range(0, len(tokens), mb)]
         return np.concatenate(out)
 
-    def _eval(self, params, pool) -> dict:
-        t0 = time.perf_counter()
-        r = evaluate(self.bind(params), self.eval_rows, self.tokenizer, self.cfg, self.mesh, pool)
-        self.print(f"eval: greedy accuracy {r['accuracy']:.3f} on {r['n']} problems, "
-                   f"mean length {r['response_length']:.1f}, truncated {r['truncation_rate']:.3f} "
-                   f"({time.perf_counter() - t0:.1f}s)", flush=True)
-        return r
-
-    # -- the loop ------------------------------------------------------------------------------
-    def run(self, steps: int | None = None) -> dict:
-        """Trains until `steps` (default train.steps), resuming the run directory; returns the
-        summary. Releases the run directory at the end, however it ends."""
-        try:
-            return self._run(steps)
-        finally:
-            self.close()
-
-    def _run(self, steps: int | None = None) -> dict:
-        from r1zero_jax.checkpoint import (PREEMPTED_EXIT_CODE, PreemptionGuard,
-                                           check_config_compatible)
-        from r1zero_jax.rewards.pool import GraderPool
-
+    def _rollout(self, state: TrainState, step: int, pipeline, pool):
+        """G samples of each of the step's prompts, their scores and training rewards."""
         c = self.cfg
-        if steps is not None:
-            c = self.cfg = dataclasses.replace(c, train=dataclasses.replace(c.train, steps=steps))
-        total = c.train.steps
-        t_run = time.perf_counter()
-        pipeline = PromptPipeline(self.train_rows, self.tokenizer, PipelineConfig(
-            template=c.data.template, max_prompt_tokens=c.data.max_prompt_tokens,
-            batch_size=c.prompts_per_rollout, seed=c.data.seed))
-        ckpt = self._checkpointer()
-        latest = ckpt.latest_step()
-        if self.is_writer:  # the run's checkpoints are model paths too (load_model, to-hf)
-            from r1zero_jax.convert.hf import write_marker
-
-            write_marker(ckpt.directory, self.qconfig)
-        params = self._init_params
-        self._init_params = None
-        meta: dict[str, Any] = {}
-        if latest is None and c.train.warmup_sft_steps and not c.model.path:
-            params = self._warmup(params)
-        state = init_state(params, self.tx, self.mesh)
-        ref_params = None
-        if latest is not None:
-            # Compare configs before restoring: a changed model shape then reads as the list of
-            # changed fields, not as an Orbax shape error.
-            diffs = check_config_compatible(ckpt.read_meta()["config"], to_dict(c),
-                                            self.allow_config_change, ignore=RESUMABLE_CHANGES)
-            for d in diffs:
-                self.print(f"config change on resume: {d}")
-            # The newest step that reads back whole: a damaged newer one is named and skipped.
-            saved, meta = ckpt.restore(abstract_state=self._ckpt_tree(abstract_state(state)))
-            latest = meta["step"]
-            state = TrainState(step=saved["step"], params=saved["params"],
-                               opt_state=saved["opt_state"])
-            ref_params = saved.get("ref_params")
-            pipeline.restore(meta["pipeline"])
-            self.print(f"resumed {self.workdir} at step {latest}", flush=True)
-        elif c.rl.kl_beta > 0:
-            ref_params = jax.tree.map(jnp.copy, state.params)
-        logprobs_fn, step_fn = jit_learner(self.learner, state, self.mesh)
-        start = int(state.step)
-        logger = RunLogger(self.workdir, total, start_step=start, tensorboard=c.log.tensorboard,
-                           enabled=self.is_writer, printer=self.print)
-        key = jax.random.PRNGKey(c.train.seed)
-        preempted = False
-        with GraderPool() as pool, PreemptionGuard() as guard:
-            eval_before = meta.get("eval_accuracy_before")
-            if self.eval_rows and eval_before is None:
-                eval_before = self._eval(state.params, pool)["accuracy"]
-            for step in range(start, total):
-                if self._lock is not None:
-                    self._lock.check()
-                m, state = self._step(state, step, pipeline, pool, logprobs_fn, step_fn,
-                                      ref_params, key)
-                if self.eval_rows and c.eval.every and (step + 1) % c.eval.every == 0 \
-                        and step + 1 < total:
-                    m["eval_accuracy"] = self._eval(state.params, pool)["accuracy"]
-                logger.log(m)
-                _check_finite(m, ckpt)
-                meta = {"config": to_dict(c), "pipeline": pipeline.state(),
-                        "eval_accuracy_before": eval_before, "step": step + 1}
-                tree = self._ckpt_tree(state, ref_params)
-                if guard.should_stop(step + 1):
-                    ckpt.save(step + 1, tree, meta, force=True)
-                    ckpt.wait()
-                    preempted = True
-                    break
-                ckpt.save(step + 1, tree, meta)
-            eval_after = None
-            if self.eval_rows and not preempted:
-                r = self._eval(state.params, pool)
-                eval_after = r["accuracy"]
-                if logger.history:
-                    logger.history[-1]["eval_accuracy"] = eval_after
-        if not preempted and int(state.step) > 0:
-            ckpt.save(int(state.step), self._ckpt_tree(state, ref_params),
-                      {"config": to_dict(c), "pipeline": pipeline.state(),
-                       "eval_accuracy_before": eval_before, "step": int(state.step)}, force=True)
-        ckpt.wait()
-        ckpt.close()
-        logger.close()
-        if preempted:
-            self.print(f"preempted: checkpointed step {int(state.step)}; rerun the same command "
-                       "to resume", flush=True)
-            sys.exit(PREEMPTED_EXIT_CODE)
-        # The trained weights in the format `r1zero-jax convert to-hf` reads.
-        from r1zero_jax.convert.hf import save_params
-
-        model_dir = paths.join(self.workdir, "model")
-        if self.is_writer and paths.exists(model_dir):
-            paths.remove(model_dir, recursive=True)  # a resumed run replaces its final weights
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("r1zero_model_dir")
-        save_params(model_dir, state.params, self.qconfig)
-        summary = {
-            "config": c.name, "num_devices": int(self.mesh.devices.size),
-            "num_processes": jax.process_count(), "mesh": shd.mesh_shape(self.mesh),
-            "steps": int(state.step), "eval_accuracy_before": eval_before,
-            "eval_accuracy_after": eval_after,
-            "final_reward_mean": logger.history[-1]["reward_mean"] if logger.history else None,
-            "wall_time_s": round(time.perf_counter() - t_run, 1),
-            "model_dir": model_dir,
-        }
-        self.state = state
-        if self.is_writer:
-            paths.write_text(paths.join(self.workdir, "summary.json"), json.dumps(summary, indent=2))
-            if c.log.plot and logger.history:
-                plot_curves(logger.history, paths.join(self.workdir, "curves.png"), c.name,
-                            eval_before)
-        if eval_before is not None:
-            self.print(f"held-out greedy accuracy: before RL {eval_before:.3f} -> after RL "
-                       f"{eval_after:.3f} ({100 * (eval_after - eval_before):+.1f} points)", flush=True)
-        return summary
-
-    @staticmethod
-    def _ckpt_tree(state: TrainState, ref_params=None) -> dict:
-        tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-        if ref_params is not None:
-            tree["ref_params"] = ref_params
-        return tree
-
-    def _step(self, state: TrainState, step: int, pipeline, pool, logprobs_fn, step_fn, ref_params,
-              key) -> tuple[dict, TrainState]:
-        c, G = self.cfg, self.cfg.rl.group_size
         t0 = time.perf_counter()
         batch = next(pipeline)
-        rb = ro.generate(self.bind(state.params), batch["prompt_tokens"], batch["answers"],
-                         params=sampling_params(c, self.tokenizer, n=G), tokenizer=self.tokenizer,
-                         mesh=self.mesh, seed=jax.random.fold_in(key, step),
-                         prompts_per_call=c.sampling.prompts_per_call,
-                         max_prompt_tokens=c.data.max_prompt_tokens)
+        params = sampling_params(c.sampling, n=c.rl.group_size, stop_strings=self.task.stop_strings)
+        rollout = generate(self.bind(state.params), batch["prompt_tokens"], params,
+                           tokenizer=self.tokenizer, mesh=self.mesh,
+                           seed=jax.random.fold_in(jax.random.PRNGKey(c.train.seed), step),
+                           prompts_per_call=c.sampling.prompts_per_call)
         t1 = time.perf_counter()
-        ro.grade(rb, c.data.template, pool)
-        t2 = time.perf_counter()
-        advantages = np.asarray(losses.compute_advantages(c.rl.loss, jnp.asarray(rb.rewards), G))
-        loss_mask = rb.mask & ~rb.truncated[:, None] if c.rl.mask_truncated else rb.mask
-        tokens, input_mask = rb.learner_inputs()
+        answers = [a for a in batch["answers"] for _ in range(c.rl.group_size)]
+        scores = tasks.score(self.task, pool, rollout.texts, answers)
+        rollout.timings.update(sample_s=t1 - t0, grade_s=time.perf_counter() - t1)
+        return rollout, scores, training_rewards(rollout, scores)
+
+    def _learn(self, state: TrainState, ref_params, rollout: Rollout, rewards: np.ndarray,
+               step: int, logprobs_fn, step_fn) -> tuple[dict, TrainState]:
+        """Advantages, old log-probs, and the optimizer steps of one rollout."""
+        c, G = self.cfg, self.cfg.rl.group_size
+        t0 = time.perf_counter()
+        advantages = np.asarray(losses.compute_advantages(c.rl.loss, jnp.asarray(rewards), G))
+        loss_mask = rollout.mask & ~rollout.truncated[:, None] if c.rl.mask_truncated \
+            else rollout.mask
+        tokens, input_mask = rollout.learner_inputs()
         old_logp = self._logprobs(logprobs_fn, state.params, tokens, input_mask)
         ref_logp = (self._logprobs(logprobs_fn, ref_params, tokens, input_mask)
                     if c.rl.kl_beta > 0 else None)
-        gap = np.abs(old_logp - rb.sampler_logp)[rb.mask]
+        gap = np.abs(old_logp - rollout.logprobs)[rollout.mask]
         rng = np.random.default_rng([c.train.seed, step])
         put = lambda x: shd.shard_batch(self.mesh, x, (None, "batch") + (None,) * (x.ndim - 2))  # noqa: E731
         step_metrics = []
         for _ in range(c.rl.epochs_per_rollout):
-            for hb in learner_minibatches(rb, old_logp, advantages, loss_mask, ref_logp,
+            for hb in learner_minibatches(rollout, old_logp, advantages, loss_mask, ref_logp,
                                           minibatch=c.train.minibatch_size,
-                                          microbatch=c.microbatch, order=rng.permutation(rb.size)):
+                                          microbatch=c.microbatch, order=rng.permutation(rollout.size)):
                 state, m = step_fn(state, jax.tree.map(put, hb))
                 step_metrics.append(m)
         state = state.replace(step=state.step + 1)
         learned = {k: float(np.mean([float(m[k]) for m in step_metrics])) for k in step_metrics[0]}
-        t3 = time.perf_counter()
+        t = rollout.timings
+        learn_s = time.perf_counter() - t0
         return {
-            "step": step + 1,
-            **rollout_metrics(rb, G),
             **learned,
             "optimizer_steps": len(step_metrics),
             "logprob_gap_mean": float(gap.mean()) if gap.size else 0.0,
             "logprob_gap_max": float(gap.max()) if gap.size else 0.0,
-            "gen_tokens_per_s": float(rb.mask.sum() / max(t1 - t0, 1e-9)),
-            "time_sample_s": t1 - t0, "time_grade_s": t2 - t1, "time_learn_s": t3 - t2,
-            "time_step_s": t3 - t0,
+            "gen_tokens_per_s": float(rollout.mask.sum() / max(t["sample_s"], 1e-9)),
+            "time_sample_s": t["sample_s"], "time_grade_s": t["grade_s"], "time_learn_s": learn_s,
+            "time_step_s": t["sample_s"] + t["grade_s"] + learn_s,
         }, state

@@ -42,7 +42,7 @@ from r1zero_jax.models.qwen2 import KVCache, positions_from_mask
 from r1zero_jax.sampling import categorical, filters, vocab_parallel
 from r1zero_jax.sampling import stop_strings as stops
 
-PROMPT_LEN_MULTIPLE = 16  # prompt lengths are left-padded to a multiple of this: fewer compiles
+MIN_PROMPT_WIDTH = 16  # see prompt_width
 PREFILL_CHUNK = 256  # longer prompts are prefilled this many tokens at a time (bounded scores)
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -71,6 +71,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n={self.n} samples per prompt need temperature > 0 (greedy "
+                             "samples are all the same)")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop_strings must be non-empty strings")
 
@@ -85,9 +88,51 @@ class Rollout:
     lengths: np.ndarray  # int32 [B*n]
     finish_reason: np.ndarray  # str [B*n]: 'stop' or 'length'
     texts: list[str] | None = None  # decoded, cut after a stop string (with a tokenizer)
-    prefill_batch: int = 0  # rows in the prefill (B rounded up to the batch shards)
     logits: np.ndarray | None = None  # float32 [B*n, M, V] with sample(..., return_logits=True)
     timings: dict = dataclasses.field(default_factory=dict)  # prefill_s, decode_s, decode_steps
+    prompt_tokens: np.ndarray | None = None  # int32 [B*n, Tp] left-padded, repeated per sample
+    prompt_mask: np.ndarray | None = None  # bool [B*n, Tp]
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def truncated(self) -> np.ndarray:
+        """bool [B*n]: cut at max_new_tokens."""
+        return np.asarray(self.finish_reason) == "length"
+
+    def learner_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """tokens int32 [B*n, Tp + M] (prompt ++ response) and their mask."""
+        return (np.concatenate([self.prompt_tokens, self.tokens], axis=1),
+                np.concatenate([self.prompt_mask, self.mask], axis=1))
+
+    def take(self, rows) -> "Rollout":
+        """The rollout of `rows` (an index array or slice), in that order."""
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        texts = None if self.texts is None else list(np.asarray(self.texts, object)[rows])
+        return dataclasses.replace(
+            self, tokens=self.tokens[rows], logprobs=self.logprobs[rows], mask=self.mask[rows],
+            lengths=self.lengths[rows], finish_reason=np.asarray(self.finish_reason)[rows],
+            texts=texts, logits=pick(self.logits), prompt_tokens=pick(self.prompt_tokens),
+            prompt_mask=pick(self.prompt_mask))
+
+    @classmethod
+    def concat(cls, parts: "list[Rollout]") -> "Rollout":
+        """Rows of `parts` one after another (same max_new_tokens); prompts are left-padded to
+        the widest part."""
+        width = max(p.prompt_tokens.shape[1] for p in parts) if parts[0].prompt_tokens is not None \
+            else 0
+        left = lambda x: np.pad(x, ((0, 0), (width - x.shape[1], 0)))  # noqa: E731
+        cat = lambda f: (None if getattr(parts[0], f) is None  # noqa: E731
+                         else np.concatenate([left(getattr(p, f)) if f.startswith("prompt_")
+                                              else getattr(p, f) for p in parts]))
+        timings = {k: sum(p.timings.get(k, 0) for p in parts) for k in parts[0].timings}
+        return cls(tokens=cat("tokens"), logprobs=cat("logprobs"), mask=cat("mask"),
+                   lengths=cat("lengths"), finish_reason=cat("finish_reason"),
+                   texts=None if parts[0].texts is None else [t for p in parts for t in p.texts],
+                   logits=cat("logits"), timings=timings, prompt_tokens=cat("prompt_tokens"),
+                   prompt_mask=cat("prompt_mask"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,10 +304,13 @@ def serving_state(state, mesh: Mesh, dtype):
     return out
 
 
-def padded_prompt_width(tp: int) -> int:
-    """The prefill's prompt width for prompts of `tp` tokens (few widths: few compiles)."""
-    multiple = PROMPT_LEN_MULTIPLE if tp <= PREFILL_CHUNK else PREFILL_CHUNK
-    return -(-tp // multiple) * multiple
+def prompt_width(longest: int) -> int:
+    """The prompt width for prompts of at most `longest` tokens: a power of two from
+    MIN_PROMPT_WIDTH up to PREFILL_CHUNK, then a multiple of PREFILL_CHUNK. Prompts change every
+    step, so a few widths mean a few compiles of the prefill and of the learner."""
+    if longest > PREFILL_CHUNK:
+        return -(-longest // PREFILL_CHUNK) * PREFILL_CHUNK
+    return max(MIN_PROMPT_WIDTH, 1 << max(longest - 1, 0).bit_length())
 
 
 def default_stop_token_ids(tokenizer) -> tuple[int, ...]:
@@ -321,7 +369,7 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     b, tp = tokens.shape
     shards = shd.axis_size(mesh, "batch")
     bp = -(-b // shards) * shards
-    tpp = padded_prompt_width(tp)
+    tpp = prompt_width(tp)
     padded_tokens = np.zeros((bp, tpp), np.int32)
     padded_mask = np.zeros((bp, tpp), bool)
     padded_tokens[:b, tpp - tp:], padded_mask[:b, tpp - tp:] = tokens, mask
@@ -363,8 +411,10 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     rollout = Rollout(
         tokens=out_tokens, logprobs=shd.to_host(loop.logprobs)[:r],
         mask=np.arange(params.max_new_tokens)[None, :] < lengths[:, None], lengths=lengths,
-        finish_reason=np.where(stopped, "stop", "length"), prefill_batch=bp,
-        logits=shd.to_host(loop.logits)[:r] if return_logits else None, timings=timings)
+        finish_reason=np.where(stopped, "stop", "length"),
+        logits=shd.to_host(loop.logits)[:r] if return_logits else None, timings=timings,
+        prompt_tokens=np.repeat(tokens, params.n, axis=0),
+        prompt_mask=np.repeat(mask, params.n, axis=0))
     if tokenizer is not None:
         rollout.texts = decode_texts(tokenizer, rollout, stop_strs)
     return rollout
