@@ -139,25 +139,25 @@ def final_styles(trainer, prompts: int = 64, seed: int = 12345) -> dict:
 
     from r1zero_jax.data.pipeline import make_encoder
     from r1zero_jax.data.synthetic import SyntheticTask
-    from r1zero_jax.rewards import GraderPool, apply_template
-    from r1zero_jax.rl import rollout as ro
-    from r1zero_jax.rl.trainer import sampling_params
+    from r1zero_jax.sampling.generation import generate, sampling_params
+    from r1zero_jax.tasks import score
 
-    cfg, tok = trainer.cfg, trainer.tokenizer
+    cfg, tok, task = trainer.cfg, trainer.tokenizer, trainer.task
     rows = SyntheticTask().rows("eval", prompts, seed=seed)
-    ids = make_encoder(tok)([apply_template(cfg.data.template, r["problem"]) for r in rows])
-    with GraderPool(workers=1) as pool:
-        rb = ro.grade(ro.generate(trainer.bind(trainer.state.params), ids, [r["answer"] for r in rows],
-                                  params=sampling_params(cfg, tok, n=cfg.rl.group_size),
-                                  tokenizer=tok, mesh=trainer.mesh, seed=seed,
-                                  max_prompt_tokens=cfg.data.max_prompt_tokens), cfg.data.template, pool)
-    styles = np.array([style_of(t) for t in rb.texts])
+    ids = make_encoder(tok)([task.prompt(r) for r in rows])
+    G = cfg.rl.group_size
+    rollout = generate(trainer.bind(trainer.state.params), ids,
+                       sampling_params(cfg.sampling, n=G, stop_strings=task.stop_strings),
+                       tokenizer=tok, mesh=trainer.mesh, seed=seed)
+    with task.pool(workers=1) as pool:
+        correct = score(task, pool, rollout.texts, [r["answer"] for r in rows for _ in range(G)]).correct
+    styles = np.array([style_of(t) for t in rollout.texts])
     out = {}
     for name in ("guess", "ramble", "worked", "recheck"):
         m = styles == name
         out[name] = {"share": float(m.mean()),
-                     "accuracy": float(rb.correct[m].mean()) if m.any() else None,
-                     "length": float(rb.lengths[m].mean()) if m.any() else None}
+                     "accuracy": float(correct[m].mean()) if m.any() else None,
+                     "length": float(rollout.lengths[m].mean()) if m.any() else None}
     return out
 
 

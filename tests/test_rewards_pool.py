@@ -333,22 +333,25 @@ def test_rewards_do_not_depend_on_machine_load():
 def test_step_metrics_count_grading_timeouts_and_lost_workers():
     import numpy as np
 
-    from r1zero_jax.rl import rollout as ro
     from r1zero_jax.rl.metrics import rollout_metrics
+    from r1zero_jax.rl.trainer import training_rewards
+    from r1zero_jax.sampling.sampler import Rollout
+    from r1zero_jax.tasks import MathTask, score
 
     texts = [SLOW_PRED, "\\boxed{2}", "\\boxed{3}", "no answer"]
     r = len(texts)
-    rb = ro.RolloutBatch(
-        prompt_tokens=np.zeros((r, 1), np.int32), prompt_mask=np.ones((r, 1), bool),
-        tokens=np.zeros((r, 2), np.int32), mask=np.ones((r, 2), bool),
-        sampler_logp=np.zeros((r, 2), np.float32), lengths=np.full(r, 2, np.int32),
-        truncated=np.zeros(r, bool), texts=texts, answers=[SLOW_REF, "2", "4", "1"])
+    rollout = Rollout(tokens=np.zeros((r, 2), np.int32), logprobs=np.zeros((r, 2), np.float32),
+                      mask=np.ones((r, 2), bool), lengths=np.full(r, 2, np.int32),
+                      finish_reason=np.array(["stop", "length", "stop", "stop"]), texts=texts)
     with GraderPool(workers=1, timeout_s=0.01) as p:
         p.grade(["\\boxed{1}"], ["1"])
         os.kill(p.worker_pids()[0], signal.SIGKILL)  # found dead when the step's rows arrive
-        ro.grade(rb, "qwen_math", p)
-    assert rb.rewards.tolist() == [0.0, 1.0, 0.0, 0.0]
-    m = rollout_metrics(rb, group_size=2)
+        scores = score(MathTask(), p, texts, [SLOW_REF, "2", "4", "1"])
+    rewards = training_rewards(rollout, scores)
+    assert scores.rewards.tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert rewards.tolist() == [0.0] * 4  # the right answer was cut at the length limit
+    m = rollout_metrics(rollout, scores, rewards, group_size=2)
+    assert m["accuracy"] == 0.25 and m["truncation_rate"] == 0.25
     assert m["grader_timeouts"] == 1 and m["grader_worker_deaths"] == 1
 
 

@@ -31,12 +31,13 @@ PIECES = ("\\boxed{", "recheck", "hmm", "}", "+", "=", " ", *"0123456789")
 
 
 class SyntheticTokenizer:
-    """Greedy longest-match tokenizer over a fixed list of pieces (HF-like interface)."""
+    """Greedy longest-match tokenizer over a fixed list of pieces (HF-like interface); ids 0
+    and 1 are <pad> and <eos>, then `pieces` in order."""
 
-    def __init__(self):
-        self.vocab = list(SPECIALS) + list(PIECES)
+    def __init__(self, pieces: tuple[str, ...] = PIECES):
+        self.vocab = list(SPECIALS) + list(pieces)
         self._ids = {p: i for i, p in enumerate(self.vocab)}
-        self._by_len = sorted(PIECES, key=len, reverse=True)
+        self._by_len = sorted(pieces, key=len, reverse=True)
         self.pad_token, self.eos_token = SPECIALS
         self.pad_token_id, self.eos_token_id = 0, 1
         self.bos_token_id = None

@@ -29,8 +29,6 @@ from r1zero_jax import plugins
 from r1zero_jax.rewards import math_grader
 from r1zero_jax.rewards.normalize import normalize
 
-MATH_REWARD = "r1zero_jax.rewards.math_grader:reward"
-
 MEMORY_LIMIT_BYTES = 2 << 30  # a runaway sympy computation raises MemoryError instead of swapping
 _WARM_UP = (  # code paths whose first call is slow (imports inside sympy, caches of constants)
     ("\\boxed{\\sqrt{8}}", ["2\\sqrt{2}"]), ("\\boxed{x^2+1}", ["1+x^2"]),
@@ -129,7 +127,7 @@ def main() -> None:
         pass  # a lower hard limit is already in place
     signal.signal(signal.SIGPROF, _on_cpu_timer)
     fn = plugins.load(spec, "reward function")
-    if spec == MATH_REWARD:
+    if spec == math_grader.MATH_REWARD:
         for response, refs in _WARM_UP:
             grade_row({"id": 0, "response": response, "answer": refs}, fn, 60.0)
     # Workers start cold on answers (as the timing of a row must not depend on which worker got it)

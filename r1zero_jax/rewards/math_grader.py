@@ -299,6 +299,9 @@ def judge(pred: str, ref: str | list[str]) -> tuple[bool, str]:
     return False, "not equal"
 
 
+MATH_REWARD = f"{__name__}:reward"  # the import spec grader workers load (plugins.py)
+
+
 def reward(response: str, answer, template: str = "qwen_math") -> tuple[float, str | None, str]:
     """The math task's reward function (run in a grader worker): 1.0 when the answer extracted
     from `response` under `template` equals a reference (`answer`: one or a list), else 0.0;

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import r1zero_jax
 from r1zero_jax import jsonl, plugins
-from r1zero_jax.rewards._worker import MATH_REWARD  # noqa: F401 (re-exported)
+from r1zero_jax.rewards.math_grader import MATH_REWARD
 from r1zero_jax.rewards.extract import MAX_RESPONSE_CHARS
 from r1zero_jax.rewards.templates import check_template
 

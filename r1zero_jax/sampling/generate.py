@@ -6,8 +6,6 @@ import json
 import sys
 import time
 
-import numpy as np
-
 from r1zero_jax import jsonl
 from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template, check_template
 
@@ -34,20 +32,6 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None, template: 
     return out
 
 
-def tokenize_left_padded(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> (int32 [B, T] left-padded with 0, bool mask [B, T]); no special tokens added."""
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    empty = [i for i, x in enumerate(ids) if not x]
-    if empty:
-        raise ValueError(f"prompts {empty[:10]} tokenize to nothing")
-    width = max(map(len, ids))
-    tokens = np.zeros((len(ids), width), np.int32)
-    mask = np.zeros((len(ids), width), bool)
-    for row, x in enumerate(ids):
-        tokens[row, width - len(x):], mask[row, width - len(x):] = x, True
-    return tokens, mask
-
-
 def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: str | None = None,
                  template: str = "qwen_math", max_new_tokens: int = 512, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, n: int = 1, seed: int = 0,
@@ -57,7 +41,9 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
     import jax.numpy as jnp
 
     from r1zero_jax.convert.hf import load_model
-    from r1zero_jax.sampling.sampler import SamplingParams, sample
+    from r1zero_jax.data.pipeline import make_encoder
+    from r1zero_jax.sampling.generation import generate
+    from r1zero_jax.sampling.sampler import SamplingParams
     from r1zero_jax.sharding import make_mesh
 
     texts = read_prompts(prompt, prompts_file, template)
@@ -71,8 +57,11 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
                                         param_dtype=jnp.dtype(dtype))
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer.json or vocab.json)")
-    tokens, mask = tokenize_left_padded(tokenizer, texts)
-    longest = int(mask.sum(1).max())
+    prompt_ids = make_encoder(tokenizer)(texts)
+    empty = [i for i, x in enumerate(prompt_ids) if not x]
+    if empty:
+        raise ValueError(f"prompts {empty[:10]} tokenize to nothing")
+    longest = max(map(len, prompt_ids))
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
                          f"({max_new_tokens}) exceeds the model's {config.max_position_embeddings}"
@@ -80,26 +69,27 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
 
     out = open(output, "w") if output else None
     start, done_tokens = time.perf_counter(), 0
-    chunk = min(CHUNK_PROMPTS, len(texts))
+
+    def emit(first: int, ro) -> None:
+        nonlocal done_tokens
+        count = ro.size // n
+        for b in range(count):
+            for j in range(n):
+                r = b * n + j
+                length = int(ro.lengths[r])
+                _emit(out, first + b, j, texts[first + b], ro.texts[r], ro.tokens[r, :length],
+                      ro.logprobs[r, :length], str(ro.finish_reason[r]))
+        done_tokens += int(ro.lengths.sum())
+        hi = first + count
+        elapsed = time.perf_counter() - start
+        eta = elapsed / hi * (len(texts) - hi)
+        print(f"generate: {hi}/{len(texts)} prompts, {hi / elapsed:.2f} prompts/s, "
+              f"{done_tokens / elapsed:.0f} tokens/s, ETA {eta:.0f}s", file=sys.stderr,
+              flush=True)
+
     try:
-        for lo in range(0, len(texts), chunk):
-            hi = min(lo + chunk, len(texts))
-            # the last chunk is topped up with copies so every call has the same batch shape
-            rows = np.minimum(np.arange(lo, lo + chunk), hi - 1)
-            ro = sample(net, tokens[rows], mask[rows], params, mesh=the_mesh, tokenizer=tokenizer,
-                        seed=jax.random.fold_in(jax.random.key(seed), lo))
-            for b in range(hi - lo):
-                for j in range(n):
-                    r = b * n + j
-                    length = int(ro.lengths[r])
-                    _emit(out, lo + b, j, texts[lo + b], ro.texts[r], ro.tokens[r, :length],
-                          ro.logprobs[r, :length], str(ro.finish_reason[r]))
-            done_tokens += int(ro.lengths[:(hi - lo) * n].sum())
-            elapsed = time.perf_counter() - start
-            eta = elapsed / hi * (len(texts) - hi)
-            print(f"generate: {hi}/{len(texts)} prompts, {hi / elapsed:.2f} prompts/s, "
-                  f"{done_tokens / elapsed:.0f} tokens/s, ETA {eta:.0f}s", file=sys.stderr,
-                  flush=True)
+        generate(net, prompt_ids, params, tokenizer=tokenizer, mesh=the_mesh,
+                 seed=seed, prompts_per_call=CHUNK_PROMPTS, on_call=emit)
     finally:
         if out:
             out.close()

@@ -42,7 +42,7 @@ from r1zero_jax.models.qwen2 import KVCache, positions_from_mask
 from r1zero_jax.sampling import categorical, filters, vocab_parallel
 from r1zero_jax.sampling import stop_strings as stops
 
-MIN_PROMPT_WIDTH = 16  # see prompt_width
+MIN_PROMPT_WIDTH = 8  # see prompt_width
 PREFILL_CHUNK = 256  # longer prompts are prefilled this many tokens at a time (bounded scores)
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
