@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from r1zero_jax.rewards.templates import TEMPLATES
+
 
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and r1zero-jax")
@@ -37,7 +39,7 @@ def _add_generate(sub):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     src.add_argument("--prompts-file", help="JSONL rows with `prompt` or `problem`")
-    p.add_argument("--template", default="qwen_math", choices=["qwen_math", "r1", "no"])
+    p.add_argument("--template", default="qwen_math", choices=sorted(TEMPLATES))
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -100,7 +102,7 @@ def _add_eval(sub):
     p.add_argument("--benchmarks", default=None,
                    help="comma-separated (default: aime24,amc23,math500,minerva_math,"
                         "olympiad_bench; with --responses: all in the file)")
-    p.add_argument("--template", default="qwen_math", choices=["qwen_math", "r1", "no"])
+    p.add_argument("--template", default="qwen_math", choices=sorted(TEMPLATES))
     p.add_argument("--max-new-tokens", type=int, default=3000)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

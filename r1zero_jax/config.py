@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r1zero_jax.mesh_spec import parse_mesh_spec
 from r1zero_jax.rewards.templates import TEMPLATES
 
 # Vocabulary of the RL room; rl/losses.py registers one implementation per name (a test checks).
@@ -25,7 +26,6 @@ LOSS_NAMES = ("dr_grpo", "grpo")
 # "" keeps the loss's own aggregation; "token_mean" is DAPO's mean over all tokens of the batch.
 AGGREGATIONS = ("", "token_mean")
 DTYPES = ("float32", "bfloat16")
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
 @dataclass(frozen=True)
@@ -308,35 +308,6 @@ def diff(a: RunConfig, b: RunConfig) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-
-def parse_mesh_spec(spec: str, num_devices: int | None = None) -> dict[str, int]:
-    """Axis sizes of a mesh spec; -1 resolves against `num_devices` (kept -1 when unknown)."""
-    sizes = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        if "=" not in part:
-            raise ValueError(f"mesh.spec {spec!r}: expected AXIS=SIZE items, got {part!r}")
-        axis, size = (s.strip() for s in part.split("=", 1))
-        if axis not in MESH_AXES:
-            raise ValueError(f"mesh.spec {spec!r}: unknown axis {axis!r}; axes are {MESH_AXES}")
-        try:
-            sizes[axis] = int(size)
-        except ValueError:
-            raise ValueError(f"mesh.spec {spec!r}: size of {axis!r} must be an integer") from None
-    free = [a for a, s in sizes.items() if s == -1]
-    if len(free) > 1:
-        raise ValueError(f"mesh.spec {spec!r}: at most one axis may be -1")
-    if any(s == 0 or s < -1 for s in sizes.values()):
-        raise ValueError(f"mesh.spec {spec!r}: sizes must be positive or -1")
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    if num_devices is not None:
-        if free:
-            if num_devices % fixed:
-                raise ValueError(f"mesh.spec {spec!r}: {num_devices} devices not divisible by {fixed}")
-            sizes[free[0]] = num_devices // fixed
-        elif fixed != num_devices:
-            raise ValueError(f"mesh.spec {spec!r} needs {fixed} devices, found {num_devices}")
-    return sizes
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ import os
 import re
 from typing import Any
 
+from r1zero_jax.mesh_spec import parse_mesh_spec
+
 GiB = 2**30
 FIT_FRACTION = 0.9
 
@@ -296,10 +298,8 @@ def mesh_for_topology(spec: str, chips: int) -> tuple[dict[str, int], str]:
     """The config's mesh on `chips` devices. A mesh written for another slice keeps its data and
     tensor sizes and fsdp takes the rest (sharding params further is what a bigger slice is for);
     failing that, data takes the rest. The returned note says what changed."""
-    from r1zero_jax.sharding import parse_mesh_spec, resolve_mesh_shape
-
     try:
-        return resolve_mesh_shape(spec, chips), ""
+        return parse_mesh_spec(spec, chips), ""
     except ValueError:
         pass
     sizes = {k: max(v, 1) for k, v in parse_mesh_spec(spec).items()}
@@ -315,8 +315,6 @@ def mesh_for_topology(spec: str, chips: int) -> tuple[dict[str, int], str]:
 def plan_config(cfg, topology: str | None = None) -> dict[str, Any]:
     """The plan of a RunConfig on a topology (default: the chips its mesh names, v4 assumed;
     cpu-N for configs with mesh.num_cpu_devices)."""
-    from r1zero_jax.sharding import parse_mesh_spec
-
     if topology is None:
         if cfg.mesh.num_cpu_devices:
             topology = f"cpu-{cfg.mesh.num_cpu_devices}"

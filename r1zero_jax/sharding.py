@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from r1zero_jax.mesh_spec import MESH_AXES, parse_mesh_spec
+
 
 # The ONE table. Weights are sharded over fsdp on their embed dimension and over tensor on
 # heads/mlp (Megatron-style); the embedding table and LM head over (tensor, fsdp) on vocab and
@@ -58,53 +59,10 @@ _ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
     "activation_mesh", default=None)
 
 
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """'data=-1,fsdp=2,tensor=2' -> {'data': -1, 'fsdp': 2, 'tensor': 2} (missing axes are 1)."""
-    sizes = {a: 1 for a in MESH_AXES}
-    seen = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in MESH_AXES:
-            raise ValueError(f"bad mesh spec {spec!r}: each part is AXIS=SIZE with AXIS in {MESH_AXES}")
-        if name in seen:
-            raise ValueError(f"bad mesh spec {spec!r}: axis {name!r} given twice")
-        seen.add(name)
-        try:
-            sizes[name] = int(value)
-        except ValueError:
-            raise ValueError(f"bad mesh spec {spec!r}: size of {name!r} is not an integer") from None
-        if sizes[name] == 0 or sizes[name] < -1:
-            raise ValueError(f"bad mesh spec {spec!r}: size of {name!r} must be positive or -1")
-    if sum(v == -1 for v in sizes.values()) > 1:
-        raise ValueError(f"bad mesh spec {spec!r}: at most one axis may be -1")
-    return sizes
-
-
-def resolve_mesh_shape(spec: str, num_devices: int) -> dict[str, int]:
-    """Fill in the -1 axis and check that the product equals the device count."""
-    sizes = parse_mesh_spec(spec)
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    for name, v in sizes.items():
-        if v == -1:
-            if num_devices % fixed:
-                raise ValueError(
-                    f"mesh {spec!r} does not fit {num_devices} devices: the fixed axes take {fixed}, "
-                    f"which does not divide {num_devices}"
-                )
-            sizes[name] = num_devices // fixed
-    if math.prod(sizes.values()) != num_devices:
-        raise ValueError(
-            f"mesh {spec!r} does not fit: {' x '.join(f'{k}={v}' for k, v in sizes.items())} = "
-            f"{math.prod(sizes.values())} devices, but {num_devices} are available"
-        )
-    return sizes
-
-
 def make_mesh(spec: str = "data=-1", devices: list | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over all devices of all processes (or `devices`)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_mesh_shape(spec, len(devices))
+    sizes = parse_mesh_spec(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
         # Topology-aware placement on TPU (tensor axis on the fastest interconnect).

@@ -90,7 +90,7 @@ def test_section_and_malformed_overrides():
     (["rl.loss=ppo"], "unknown loss 'ppo'"),
     (["rl.aggregation=sum"], "rl.aggregation"),
     (["train.minibatch_size=7"], "not divisible by train.minibatch_size=7"),
-    (["mesh.spec=data=3,tensor=2"], "needs 6 devices, found 8"),
+    (["mesh.spec=data=3,tensor=2"], "needs 6 devices, but 8 are available"),
     (["mesh.spec=rows=8"], "unknown axis 'rows'"),
 ])
 def test_bad_configs_name_the_problem(overrides, message):
@@ -99,8 +99,8 @@ def test_bad_configs_name_the_problem(overrides, message):
 
 
 def test_mesh_spec_resolution():
-    assert C.parse_mesh_spec("data=-1,tensor=2", 8) == {"data": 4, "tensor": 2}
-    assert C.parse_mesh_spec("data=-1,tensor=2") == {"data": -1, "tensor": 2}
+    assert C.parse_mesh_spec("data=-1,tensor=2", 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert C.parse_mesh_spec("data=-1,tensor=2") == {"data": -1, "fsdp": 1, "tensor": 2}
     with pytest.raises(ValueError, match="not divisible"):
         C.parse_mesh_spec("data=-1,tensor=3", 8)
 
