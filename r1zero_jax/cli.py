@@ -73,6 +73,12 @@ def _add_grade(sub):
     p.set_defaults(func=run)
 
 
+def _add_process_args(p):
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="Dr. GRPO training from a config in configs/")
     p.add_argument("config", help="path to a configs/*.py file, or a config name")
@@ -81,9 +87,7 @@ def _add_train(sub):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume an existing workdir even though the config differs")
-    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    _add_process_args(p)
 
     def run(a):
         from r1zero_jax.rl.launch import train_cli
@@ -124,6 +128,7 @@ def _add_eval(sub):
     p.add_argument("--workers", type=int, default=None, help="grader processes")
     p.add_argument("--grader-timeout", type=float, default=5.0,
                    help="CPU seconds per response (independent of machine load)")
+    _add_process_args(p)
 
     def run(a):
         from r1zero_jax.eval import eval_cli

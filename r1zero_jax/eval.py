@@ -398,8 +398,14 @@ def eval_cli(model: str | None = None, benchmarks: str | None = None,
              responses: str | None = None, source_dir: str | None = None,
              tokenizer: str | None = None, top_p: float = 1.0, seed: int = 0,
              dtype: str = "bfloat16", max_prompt_tokens: int | None = None,
-             workers: int | None = None, grader_timeout: float = 5.0) -> int:
-    """`r1zero-jax eval`: print Table 4, write results.json and generations.jsonl."""
+             workers: int | None = None, grader_timeout: float = 5.0,
+             coordinator: str | None = None, num_processes: int | None = None,
+             process_id: int | None = None) -> int:
+    """`r1zero-jax eval`: print Table 4, write results.json and generations.jsonl.
+
+    With several processes (a pod, or --coordinator ...), every process samples its share of
+    each batch on the global mesh and grades its share of the responses; the verdicts are
+    gathered, and process 0 alone prints and writes the files."""
     from r1zero_jax.rewards.pool import GraderPool
 
     check_template(template)
@@ -417,6 +423,12 @@ def eval_cli(model: str | None = None, benchmarks: str | None = None,
                          "--output-dir")
     gen_path = os.path.join(output_dir, GENERATIONS_FILE)
     run = {"template": template, "limit": limit}
+    writer = True
+    if model is not None:
+        from r1zero_jax import distributed
+
+        distributed.initialize(coordinator, num_processes, process_id)
+        writer = distributed.is_main_process()
     start = time.monotonic()
     with GraderPool(workers, timeout_s=grader_timeout) as pool:
         if responses is not None:
@@ -435,7 +447,9 @@ def eval_cli(model: str | None = None, benchmarks: str | None = None,
                 max_new_tokens=max_new_tokens, temperature=temperature, n=n, limit=limit,
                 data_dir=data_dir, source_dir=source_dir, mesh_spec=mesh, batch_size=batch_size,
                 tokenizer_path=tokenizer, top_p=top_p, seed=seed, dtype=dtype,
-                max_prompt_tokens=max_prompt_tokens)
+                max_prompt_tokens=max_prompt_tokens, writer=writer)
+    if not writer:
+        return 0
     results = {**run, "seconds": round(time.monotonic() - start, 1), **results}
     with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
         json.dump(results, f, indent=2)
@@ -454,7 +468,7 @@ def _label(path: str) -> str:
 
 def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, temperature, n, limit,
                 data_dir, source_dir, mesh_spec, batch_size, tokenizer_path, top_p, seed, dtype,
-                max_prompt_tokens):
+                max_prompt_tokens, writer=True):
     import jax.numpy as jnp
 
     from r1zero_jax.convert.hf import load_model, load_tokenizer
@@ -477,12 +491,14 @@ def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, tempe
                          "(a Hugging Face tokenizer directory)")
     mesh = make_mesh(mesh_spec)
     model, _, _ = load_model(model_path, mesh, dtype=getattr(jnp, dtype))
-    os.makedirs(os.path.dirname(gen_path) or ".", exist_ok=True)
-    open(gen_path, "w").close()
+    if writer:
+        os.makedirs(os.path.dirname(gen_path) or ".", exist_ok=True)
+        open(gen_path, "w").close()
     results = evaluate(
         model, tok, rows, params, task=task, seed=seed, batch_size=batch_size,
-        max_prompt_tokens=max_prompt_tokens, mesh=mesh, pool=pool, progress=True,
-        on_benchmark=lambda name, records: write_jsonl(gen_path, records, append=True))
+        max_prompt_tokens=max_prompt_tokens, mesh=mesh, pool=pool, progress=writer,
+        on_benchmark=(lambda name, records: write_jsonl(gen_path, records, append=True))
+        if writer else None)
     run = {**run, "model": os.path.abspath(model_path), "mesh": mesh_spec, "dtype": dtype,
            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature,
                         "top_p": top_p, "n": n, "seed": seed, "batch_size": batch_size}}

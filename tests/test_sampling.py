@@ -136,8 +136,9 @@ def test_n_samples_logits_and_logprobs(hf_dir, torch_model, mesh8, monkeypatch):
     sp = SamplingParams(max_new_tokens=m, temperature=1.0, top_k=20, n=n)
     ro = sample(model, tokens, mask, sp, seed=1, mesh=mesh8, return_logits=True)
     monkeypatch.undo()
-    # One prefill over the 3 prompts (padded to the 4 batch shards), decode over 4 * n rows.
-    assert calls == [(4, 16), (4 * n, 1)], calls
+    # One prefill over the 3 prompts (padded to the 4 batch shards and the width rule's power of
+    # two), decode over 4 * n rows.
+    assert tokens.shape[1] == 7 and calls == [(4, 8), (4 * n, 1)], calls
     assert ro.tokens.shape == (3 * n, m)
     for b in range(3):
         rows = ro.tokens[b * n:(b + 1) * n]
