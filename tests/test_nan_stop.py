@@ -13,15 +13,15 @@ from test_trainer import TINY
 
 def test_nan_stops_the_run_before_its_checkpoint(tmp_path, monkeypatch):
     wd = str(tmp_path / "run")
-    step = Trainer._step
+    learn = Trainer._learn
 
-    def diverging_step(self, state, i, *args):
-        m, state = step(self, state, i, *args)
+    def diverging_learn(self, state, ref_params, rollout, rewards, i, *args):
+        m, state = learn(self, state, ref_params, rollout, rewards, i, *args)
         if i == 1:  # the second step diverges, as an overflowing update would make it
             m["loss"] = float("nan")
         return m, state
 
-    monkeypatch.setattr(Trainer, "_step", diverging_step)
+    monkeypatch.setattr(Trainer, "_learn", diverging_learn)
     with pytest.raises(ValueError, match=r"step 2: loss=nan is not finite; stopped without "
                                          r"checkpointing it \(the last checkpoint in .* is intact\)"):
         train_cli("cpu_smoke", TINY, workdir=wd, steps=3)
