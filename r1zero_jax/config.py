@@ -411,9 +411,9 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
         from r1zero_jax.plugins import check_spec
 
         check_spec(cfg.data.task, "data.task")
-    if tr.warmup_sft_steps and (cfg.data.source != "synthetic" or cfg.data.task != "math"):
-        raise ValueError("train.warmup_sft_steps is only for the synthetic math task "
-                         "(data.source='synthetic', data.task='math')")
+    if tr.warmup_sft_steps and cfg.data.source != "synthetic" and cfg.data.task == "math":
+        raise ValueError("train.warmup_sft_steps: the math task's warm-up is for "
+                         "data.source='synthetic' only")
     if cfg.model.preset == "custom":
         m = cfg.model
         if m.num_heads % m.num_kv_heads:

@@ -43,6 +43,11 @@ class Task:
         """The task's own tokenizer; None: the model's."""
         return None
 
+    def warmup_data(self):
+        """Data for the supervised warm-up stage that makes a weak base model of a random one
+        (rl/warmup.py says what it must offer); None: the task has none."""
+        return None
+
     def pool(self, workers: int | None = None, timeout_s: float = 2.0) -> GraderPool:
         """A grader pool running this task's reward function."""
         return GraderPool(workers, timeout_s=timeout_s, reward_fn=self.reward_fn)
@@ -65,6 +70,11 @@ class MathTask(Task):
 
     def prompt(self, row: dict) -> str:
         return apply_template(self.template, row["problem"])
+
+    def warmup_data(self):
+        from r1zero_jax.data.synthetic import SyntheticTask
+
+        return SyntheticTask()  # for data.source="synthetic" (config.validate checks)
 
     def grade(self, pool, responses, answers):
         return pool.grade(responses, answers, self.template)

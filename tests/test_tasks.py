@@ -57,8 +57,9 @@ def test_bad_task_specs_are_named():
 
 
 def test_trains_a_task_defined_outside_the_package(tmp_path):
-    """The config names a Task subclass in a file of the user's; its reward function (which
-    logs each verdict) runs in the grader workers for the held-out eval and every rollout."""
+    """The config names a Task subclass in a file of the user's; its warm-up data makes the
+    base model, and its reward function (which logs each verdict) runs in the grader workers
+    for the held-out eval and every rollout."""
     from r1zero_jax.config import load_config
     from r1zero_jax.rl.trainer import Trainer
 
@@ -84,7 +85,8 @@ def test_trains_a_task_defined_outside_the_package(tmp_path):
     cfg = load_config("countdown_cpu", [
         f"data.task={user_file}:MyCountdown", f"train.steps={steps}",
         f"rl.rollout_batch_size={rollout}", f"train.minibatch_size={rollout}",
-        f"eval.size={held_out}", f"eval.batch_size={held_out}"])
+        f"eval.size={held_out}", f"eval.batch_size={held_out}", "eval.every=0",
+        "train.warmup_sft_steps=200", "train.warmup_sft_habit_steps=20"])
     summary = Trainer(cfg, str(tmp_path / "run")).run()
     assert summary["steps"] == steps and summary["eval_accuracy_after"] is not None
     verdicts = [json.loads(x) for x in log.read_text().splitlines()]
@@ -93,5 +95,7 @@ def test_trains_a_task_defined_outside_the_package(tmp_path):
     for k, m in enumerate(metrics):
         step = verdicts[held_out + k * rollout:held_out + (k + 1) * rollout]
         # The learner's reward is the function's, with 0 for a response cut at the length limit.
-        assert m["reward_mean"] <= np.mean(step) + 1e-9
+        assert m["reward_mean"] <= np.mean(step) + 1e-6  # float32 rewards
         assert m["accuracy"] == pytest.approx(np.mean([v >= 1 for v in step]))
+    # The warmed-up model writes well-formed expressions: the format reward at least.
+    assert np.mean(verdicts[held_out:-held_out]) > 0.05

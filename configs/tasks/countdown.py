@@ -11,6 +11,7 @@ and parentheses and evaluated exactly: nothing else is accepted and nothing is `
 from __future__ import annotations
 
 import ast
+import dataclasses
 import itertools
 import os
 
@@ -64,14 +65,55 @@ class Countdown(Task):
         return SyntheticTokenizer(PIECES)
 
     def rows(self, split: str, size: int, seed: int) -> list[dict]:
-        """Three digits 1-9 and a target one way of combining them gives; 10% held out."""
-        out = []
-        for i, nums in enumerate(itertools.product(range(1, 10), repeat=3)):
-            if ((i * 2654435761 % 2**32) / 2**32 < 0.1) != (split == "eval"):
-                continue
-            a, b, c = nums
-            target = (a * b + c) if i % 3 == 0 else (a + b * c) if i % 3 == 1 else (a + b + c)
-            text = " ".join(map(str, nums))
-            out.append({"problem": f"make {target} from {text} ", "answer": f"{text}={target}"})
-        order = np.random.default_rng(seed).permutation(len(out))
-        return [out[i] for i in order[:size or len(out)]]
+        return countdown_rows(split, size, seed)
+
+    def warmup_data(self):
+        return CountdownWarmup(countdown_rows("train", 0, 0))
+
+
+def countdown_rows(split: str, size: int, seed: int) -> list[dict]:
+    """Three digits 1-9 and a target that one way of combining them gives (its `solution`);
+    10% held out."""
+    out = []
+    for i, nums in enumerate(itertools.product(range(1, 10), repeat=3)):
+        if ((i * 2654435761 % 2**32) / 2**32 < 0.1) != (split == "eval"):
+            continue
+        a, b, c = nums
+        solution = (f"{a}*{b}+{c}", f"{a}+{b}*{c}", f"{a}*{b}-{c}")[i % 3]
+        target = _value(ast.parse(solution, mode="eval").body, [])
+        if target <= 0 or target == a + b + c:
+            continue  # the warm-up's guess (the sum) would be right
+        text = " ".join(map(str, nums))
+        out.append({"problem": f"make {target} from {text} ", "answer": f"{text}={target}",
+                    "solution": solution})
+    order = np.random.default_rng(seed).permutation(len(out))
+    return [out[i] for i in order[:size or len(out)]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CountdownWarmup:
+    """Supervised data for a weak base model: the solution, or (with `guess_share`) the numbers
+    simply added up, well formed but wrong. The base model can solve but mostly guesses."""
+
+    rows: list
+    guess_share: float = 0.75
+
+    def skill_only(self) -> "CountdownWarmup":
+        return dataclasses.replace(self, guess_share=0.0)
+
+    def warmup_length(self, tokenizer) -> int:
+        return max(len(tokenizer.encode(r["problem"] + r["solution"])) for r in self.rows) + 1
+
+    def warmup_batch(self, tokenizer, batch: int, rng: np.random.Generator, length: int):
+        """tokens int32 [B, length], loss mask bool [B, length] on the response and its EOS."""
+        tokens = np.zeros((batch, length), np.int32)
+        loss_mask = np.zeros((batch, length), bool)
+        for i in range(batch):
+            row = self.rows[rng.integers(len(self.rows))]
+            guess = "+".join(row["answer"].split("=")[0].split())
+            response = guess if rng.random() < self.guess_share else row["solution"]
+            p = tokenizer.encode(row["problem"])
+            seq = p + tokenizer.encode(response) + [tokenizer.eos_token_id]
+            tokens[i, :len(seq)] = seq
+            loss_mask[i, len(p):len(seq)] = True
+        return tokens, loss_mask

@@ -21,6 +21,7 @@ study needs. 1,000 problems: 900 train, 100 held out.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -115,6 +116,10 @@ class SyntheticTask:
         order = np.random.default_rng(seed).permutation(len(probs))
         probs = [probs[i] for i in order[: n or len(probs)]]
         return [{"problem": question(t), "answer": str(sum(t))} for t in probs]
+
+    def skill_only(self) -> "SyntheticTask":
+        """The task with worked answers only: the warm-up's skill phase."""
+        return dataclasses.replace(self, styles=(("worked", 0.8), ("recheck", 0.2)))
 
     def warmup_response(self, terms: tuple[int, ...], rng: np.random.Generator) -> str:
         names, weights = zip(*self.styles)

@@ -171,6 +171,9 @@ class Trainer:
         """The components: task, tokenizer, model, rows, learner."""
         c = self.cfg
         self.task = tasks.from_config(c.data.task, c.data.template)
+        if c.train.warmup_sft_steps and self.task.warmup_data() is None:
+            raise ValueError(f"train.warmup_sft_steps={c.train.warmup_sft_steps}: task "
+                             f"{self.task.name!r} has no warm-up data (Task.warmup_data)")
         tokenizer = self.task.tokenizer()
         if tokenizer is None and c.data.source == "synthetic":
             from r1zero_jax.data.synthetic import SyntheticTokenizer
@@ -368,13 +371,13 @@ class Trainer:
         return tree
 
     def _warmup(self, params: dict) -> dict:
-        from r1zero_jax.data.synthetic import SyntheticTask
+        """The optional SFT stage before RL (fresh runs only)."""
         from r1zero_jax.rl.warmup import warmup
 
         t = self.cfg.train
         self.print(f"supervised warm-up ({t.warmup_sft_steps} + {t.warmup_sft_habit_steps} steps) "
                    "to make a weak base model: a random model earns no reward", flush=True)
-        return warmup(params, self.bind, SyntheticTask(), self.tokenizer, self.mesh,
+        return warmup(params, self.bind, self.task.warmup_data(), self.tokenizer, self.mesh,
                       skill_steps=t.warmup_sft_steps, habit_steps=t.warmup_sft_habit_steps,
                       lr=t.warmup_sft_lr, batch=t.warmup_sft_batch,
                       seed=t.seed, printer=self.print)

@@ -1,13 +1,14 @@
-"""Supervised warm-up that turns a random model into a weak "base model" for the synthetic task.
+"""Supervised warm-up that turns a random model into a weak "base model" for a toy task.
 
 A random model never produces a `\\boxed{}` answer, so RL would see zero reward forever. A few
 hundred next-token steps (see data/synthetic.py for the response styles) give a model that can
-work a sum out but mostly guesses instead: the starting point R1-Zero-style RL needs.
+work a sum out but mostly guesses instead: the starting point R1-Zero-style RL needs. Any task
+can bring such data (`Task.warmup_data`): an object with `warmup_length(tokenizer)`,
+`warmup_batch(tokenizer, batch, rng, length)` and `skill_only()` (the data of the skill phase).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax
@@ -17,12 +18,11 @@ import optax
 from jax.sharding import Mesh
 
 from r1zero_jax import sharding as shd
-from r1zero_jax.data.synthetic import SyntheticTask, SyntheticTokenizer
 from r1zero_jax.models.qwen2 import positions_from_mask
 from r1zero_jax.rl.learner import init_state
 
 
-def warmup(params: dict, bind, task: SyntheticTask, tokenizer: SyntheticTokenizer, mesh: Mesh, *,
+def warmup(params: dict, bind, task, tokenizer, mesh: Mesh, *,
            skill_steps: int, habit_steps: int, lr: float, batch: int, seed: int = 0,
            printer=print) -> dict:
     """Next-token training on response tokens; returns the new params, placed as `params` were.
@@ -46,7 +46,7 @@ def warmup(params: dict, bind, task: SyntheticTask, tokenizer: SyntheticTokenize
         m = loss_mask[:, 1:].astype(jnp.float32)
         return (nll * m).sum() / m.sum()
 
-    skill = dataclasses.replace(task, styles=(("worked", 0.8), ("recheck", 0.2)))
+    skill = task.skill_only()
     rng = np.random.default_rng(seed)
     length = task.warmup_length(tokenizer)
     t0, total, done = time.perf_counter(), skill_steps + habit_steps, 0
