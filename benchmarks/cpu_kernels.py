@@ -70,14 +70,14 @@ def attention_read():
     @jax.jit
     def attend(q, ks, vs):  # the decode einsums of models/qwen2.py, on its cache layouts
         def step(i, q):
-            for k, v in zip(ks, vs):
+            for k, v in zip(ks, vs, strict=False):
                 s = jnp.einsum("BKGH,BKHS->BKGS", q, k, preferred_element_type=jnp.float32)
                 p = jax.nn.softmax(jnp.where(valid, s / 8.0, -1e30), axis=-1)
                 q = q + 1e-3 * jnp.einsum("BKGS,BKSH->BKGH", p, v)
             return q
         return jax.lax.fori_loop(0, 10, step, q)
 
-    total = jax.jit(lambda ks, vs: sum(jnp.sum(k) + jnp.sum(v) for k, v in zip(ks, vs)))
+    total = jax.jit(lambda ks, vs: sum(jnp.sum(k) + jnp.sum(v) for k, v in zip(ks, vs, strict=False)))
     return (_best(lambda: attend(q0, ks, vs).block_until_ready()) / 10,
             _best(lambda: total(ks, vs).block_until_ready()))
 

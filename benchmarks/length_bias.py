@@ -234,7 +234,7 @@ def plot(results: dict, path: str | None = None, title: str = "the toy task"):
               ("accuracy", "accuracy of sampled responses"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     n_seeds = max(len(runs) for runs in results["runs"].values())
-    for ax, (key, panel_title) in zip(axes, panels):
+    for ax, (key, panel_title) in zip(axes, panels, strict=False):
         for loss in LOSSES:
             if not results["runs"].get(loss):
                 continue

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 SELF_REFLECTION_KEYWORDS = (
     "recheck", "rethink", "reassess", "reevaluate", "re-evaluate", "reevaluation",
@@ -106,8 +106,8 @@ def length_by_correctness(lengths: Sequence[int], correct: Sequence[bool]) -> Le
     """Mean and median response length of correct vs incorrect responses."""
     if len(lengths) != len(correct):
         raise ValueError(f"{len(lengths)} lengths but {len(correct)} correctness flags")
-    good = [float(n) for n, c in zip(lengths, correct) if c]
-    bad = [float(n) for n, c in zip(lengths, correct) if not c]
+    good = [float(n) for n, c in zip(lengths, correct, strict=False) if c]
+    bad = [float(n) for n, c in zip(lengths, correct, strict=False) if not c]
 
     def mean(xs):
         return statistics.fmean(xs) if xs else None

@@ -7,7 +7,7 @@ dataset sources, whose bad rows are skipped and counted (`data.builders`).
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 from r1zero_jax import paths
 

@@ -14,7 +14,7 @@ own file, named in the config by import path, `data.task="tasks/countdown.py:Cou
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -33,7 +33,7 @@ BAD_LINES = [
 def _write_source(directory, name):
     lines = [json.dumps(r, ensure_ascii=False) for r in GOOD_ROWS]
     # Interleave the bad lines so a skip cannot shift the rows that follow it.
-    mixed = [x for pair in zip(lines, BAD_LINES) for x in pair] + lines[len(BAD_LINES):]
+    mixed = [x for pair in zip(lines, BAD_LINES, strict=False) for x in pair] + lines[len(BAD_LINES):]
     mixed += BAD_LINES[len(lines):]
     (directory / f"{name}.jsonl").write_text("\n".join(mixed) + "\n", encoding="utf-8")
 
@@ -113,9 +113,9 @@ def test_download_path_reads_hf_arrow_and_gsm8k_sources(http_dir, tmp_path, monk
 
     served, url = http_dir
     table = pa.table({"problem": ["p1", "p2"], "answer": [["1", "2"], ["x"]], "level": [3, 5]})
-    with pa.OSFile(str(served / "data.arrow"), "wb") as f:
-        with pa.ipc.new_stream(f, table.schema) as writer:  # what `save_to_disk` writes
-            writer.write_table(table)
+    with pa.OSFile(str(served / "data.arrow"), "wb") as f, \
+            pa.ipc.new_stream(f, table.schema) as writer:  # what `save_to_disk` writes
+        writer.write_table(table)
     (served / "train.jsonl").write_text(
         json.dumps({"question": "q1", "answer": "3 * 4 = 12\n#### 1,200"}) + "\n"
         + json.dumps({"question": "q2", "answer": "no final answer"}) + "\n")

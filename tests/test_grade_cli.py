@@ -60,7 +60,7 @@ def test_good_file_still_grades(tmp_path, capsys):
     path = _write(tmp_path / "in.jsonl", [GOOD, {"response": "\\boxed{5}", "answer": ["4", 4.0]}])
     out = tmp_path / "out.jsonl"
     assert cli.main(["grade", "--input", path, "--output", str(out)]) == 0
-    rows = [json.loads(line) for line in open(out)]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["reward"] for r in rows] == [1.0, 0.0]
     assert "accuracy: 1/2" in capsys.readouterr().out
 
@@ -82,6 +82,6 @@ def test_output_is_written_chunk_by_chunk(tmp_path, monkeypatch):
     monkeypatch.setattr(pool_mod.GraderPool, "grade", grade_then_fail)
     with pytest.raises(RuntimeError, match="grading stopped"):
         pool_mod.grade_file(path, str(out), workers=1, chunk=2)
-    rows = [json.loads(line) for line in open(out)]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["reward"] for r in rows] == [1.0, 0.0, 1.0, 0.0]  # the first two chunks, in order
     assert rows[0]["response"] == GOOD["response"] and rows[0]["reason"]

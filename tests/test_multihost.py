@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_two_processes_match_one_process(tmp_path):
     want_logits, want_sq = _sharded_forward()
     for i in range(2):
         got = np.load(f"{out}.{i}.npy")
-        meta = json.load(open(f"{out}.{i}.json"))
+        meta = json.loads(Path(f"{out}.{i}.json").read_text())
         assert meta["process_index"] == i and meta["main"] == (i == 0)
         np.testing.assert_allclose(got, want_logits, rtol=1e-5, atol=1e-5)
         assert meta["sq"] == pytest.approx(want_sq, rel=1e-6)
@@ -130,7 +131,7 @@ def _train(workdir, *extra, env):
 
 
 def _metrics(workdir):
-    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(NOT_COMPARED)} for r in rows]
 
 
@@ -149,7 +150,7 @@ def test_cpu_smoke_two_processes_match_one_process(tmp_path):
 
     want, got = _metrics(one), _metrics(two)
     assert [r["step"] for r in got] == [1, 2] and want[0]["entropy"] > 0
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=False):
         assert w.keys() == g.keys()
         for k in w:
             if isinstance(w[k], float) and np.isnan(w[k]):

@@ -31,7 +31,7 @@ def test_two_processes_with_eval_on(tmp_path):
             p.kill()
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
-    summary = json.load(open(wd / "summary.json"))
+    summary = json.loads((wd / "summary.json").read_text())
     assert summary["num_processes"] == 2
     assert 0 <= summary["eval_accuracy_before"] <= 1 and 0 <= summary["eval_accuracy_after"] <= 1
     # Process 0 reports; process 1 evaluates its part silently.

@@ -44,7 +44,7 @@ def test_corpus_is_large_balanced_and_covers_every_form():
     assert len(rows) >= 300
     counts = collections.Counter(r["expected"] for r in rows)
     assert counts[1.0] >= 100 and counts[0.0] >= 100
-    assert REQUIRED_CATEGORIES <= {r["category"] for r in rows}
+    assert {r["category"] for r in rows} >= REQUIRED_CATEGORIES
     per_category = collections.Counter(r["category"] for r in rows)
     assert all(per_category[c] >= 40 for c in ISSUE14_CATEGORIES), per_category
 
@@ -160,7 +160,7 @@ def test_references_do_not_match_other_problems(shared_data_dir):
     with open(os.path.join(shared_data_dir, "evaluation_suite", "math500.jsonl")) as f:
         answers = [json.loads(line)["answer"] for line in f]
     shifted = answers[7:] + answers[:7]
-    hits = [(a, b) for a, b in zip(answers, shifted) if is_equiv(a, b)]
+    hits = [(a, b) for a, b in zip(answers, shifted, strict=False) if is_equiv(a, b)]
     # Only genuinely equal values may match (MATH-500 has repeated small integers).
     assert all(normalize(a).text == normalize(b).text for a, b in hits), hits
     assert len(hits) < 25

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -123,6 +124,6 @@ def test_two_trainers_on_one_workdir(tmp_path):
     assert f"in use by host '{socket.gethostname()}' pid {first.pid}" in second.stderr
     assert refused_after < 10, refused_after
     assert first.returncode == 0, out
-    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in Path(wd, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert not os.path.exists(os.path.join(wd, LOCK_NAME))  # released at the end

@@ -39,7 +39,7 @@ def test_user_task_is_graded_by_its_own_function_in_the_workers(countdown):
     with task.pool(workers=1) as pool:
         s = tasks.score(task, pool, responses, answers)
     assert s.rewards.tolist() == pytest.approx([countdown(r, a)[0] for r, a in
-                                                zip(responses, answers)])
+                                                zip(responses, answers, strict=False)])
     assert s.rewards.tolist() == pytest.approx([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
     assert s.correct.tolist() == [True, True, False, True, True, True]
     assert s.extracted[2] is None and s.extracted[0] == "3*5+7"

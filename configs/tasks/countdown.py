@@ -98,7 +98,7 @@ class CountdownWarmup:
     rows: list
     guess_share: float = 0.75
 
-    def skill_only(self) -> "CountdownWarmup":
+    def skill_only(self) -> CountdownWarmup:
         return dataclasses.replace(self, guess_share=0.0)
 
     def warmup_length(self, tokenizer) -> int:

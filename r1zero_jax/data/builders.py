@@ -21,7 +21,8 @@ import json
 import logging
 import math
 import os
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 from etils import epath

@@ -14,6 +14,7 @@ runs here, under a CPU-time budget (ITIMER_PROF), and any failure is a 0 with it
 the worker's CPU time after the row, which the pool uses to bound a row stuck in C code.
 """
 
+import contextlib
 import gc
 import json
 import os
@@ -121,10 +122,8 @@ def _fork_worker(sock: socket.socket, fds: list[int], fn, cpu_budget_s: float) -
 
 def main() -> None:
     cpu_budget_s, spec = float(sys.argv[1]), sys.argv[2]
-    try:
+    with contextlib.suppress(ValueError, OSError):  # a lower hard limit is already in place
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
-    except (ValueError, OSError):
-        pass  # a lower hard limit is already in place
     signal.signal(signal.SIGPROF, _on_cpu_timer)
     fn = plugins.load(spec, "reward function")
     if spec == math_grader.MATH_REWARD:

@@ -70,8 +70,8 @@ _UNIT_TAIL = re.compile(r"\s*(?:\^\s*\{?\s*[23]\s*\}?)?\s*\.?\s*")
 _HEDGE_SEP = re.compile(r"\s*(?:\\lor|\\vee|;|(?<![a-zA-Z\\])(?:or|and)(?![a-zA-Z]))\s*")
 _PLUS_MINUS = re.compile(r"±|\\pm(?![a-zA-Z])")
 _MINUS_PLUS = re.compile(r"∓|\\mp(?![a-zA-Z])")
-_REPEATING = re.compile(r"(?<!\d)(\d{0,%d})\.(\d{0,%d})\\(?:overline|bar|dot)\{?(\d{1,%d})\}?"
-                        % ((MAX_REPEAT_DIGITS,) * 3))
+_REPEATING = re.compile(rf"(?<!\d)(\d{{0,{MAX_REPEAT_DIGITS}}})\.(\d{{0,{MAX_REPEAT_DIGITS}}})"
+                        rf"\\(?:overline|bar|dot)\{{?(\d{{1,{MAX_REPEAT_DIGITS}}})\}}?")
 _INNER_SPACE = re.compile(r"(?<![a-zA-Z]) | (?![a-zA-Z])")
 
 

@@ -10,6 +10,7 @@ that kills two workers scores 0. Every row is answered, in order.
 """
 
 import atexit
+import contextlib
 import fcntl
 import json
 import logging
@@ -137,15 +138,11 @@ class _Worker:
             return
         self.closed = True
         if self.pid is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
         for fd in (self.wfd, self.rfd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 class _Server:
@@ -252,7 +249,7 @@ class GraderPool:
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
         rows: list[tuple[str, object]] = []
         results: list[GradeResult | None] = [None] * len(responses)
-        for i, (resp, ans) in enumerate(zip(responses, answers)):
+        for i, (resp, ans) in enumerate(zip(responses, answers, strict=False)):
             if not isinstance(resp, str):
                 raise TypeError(f"response {i} is {type(resp).__name__}, expected str")
             rows.append((resp, _references(ans, i) if math_reward else ans))
@@ -512,33 +509,29 @@ def grade_file(input_path: str, output_path: str | None = None, workers: int | N
     graded: list[GradeResult | None] = [None] * len(rows)
     start = time.monotonic()
     # Written chunk by chunk, so rows graded before a failure are kept.
-    out = open(output_path, "w") if output_path else None
-    try:
-        with GraderPool(workers) as pool:
-            for lo in range(0, len(rows), chunk):
-                idx = range(lo, min(lo + chunk, len(rows)))
-                by_template: dict[str, list[int]] = {}
+    with (open(output_path, "w") if output_path else contextlib.nullcontext()) as out, \
+            GraderPool(workers) as pool:
+        for lo in range(0, len(rows), chunk):
+            idx = range(lo, min(lo + chunk, len(rows)))
+            by_template: dict[str, list[int]] = {}
+            for i in idx:
+                by_template.setdefault(rows[i].get("template", "qwen_math"), []).append(i)
+            for template, ids in by_template.items():
+                res = pool.grade([rows[i]["response"] for i in ids],
+                                 [rows[i]["answer"] for i in ids], template)
+                for i, r in zip(ids, res, strict=False):
+                    graded[i] = r
+            if out is not None:
                 for i in idx:
-                    by_template.setdefault(rows[i].get("template", "qwen_math"), []).append(i)
-                for template, ids in by_template.items():
-                    res = pool.grade([rows[i]["response"] for i in ids],
-                                     [rows[i]["answer"] for i in ids], template)
-                    for i, r in zip(ids, res):
-                        graded[i] = r
-                if out is not None:
-                    for i in idx:
-                        r = graded[i]
-                        out.write(json.dumps({**rows[i], "reward": r.reward,
-                                              "extracted": r.extracted, "reason": r.reason}) + "\n")
-                    out.flush()
-                done, dt = idx.stop, time.monotonic() - start
-                rate = done / max(dt, 1e-9)
-                print(f"graded {done}/{len(rows)} ({rate:.0f}/s, ETA "
-                      f"{(len(rows) - done) / rate:.0f} s)", file=sys.stderr)
-            deaths = pool.worker_deaths
-    finally:
-        if out is not None:
-            out.close()
+                    r = graded[i]
+                    out.write(json.dumps({**rows[i], "reward": r.reward,
+                                          "extracted": r.extracted, "reason": r.reason}) + "\n")
+                out.flush()
+            done, dt = idx.stop, time.monotonic() - start
+            rate = done / max(dt, 1e-9)
+            print(f"graded {done}/{len(rows)} ({rate:.0f}/s, ETA "
+                  f"{(len(rows) - done) / rate:.0f} s)", file=sys.stderr)
+        deaths = pool.worker_deaths
     correct = sum(r.reward for r in graded)
     timeouts = sum(r.timed_out for r in graded)
     acc = correct / len(rows) if rows else 0.0

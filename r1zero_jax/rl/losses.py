@@ -14,7 +14,7 @@ minibatch's so that summing microbatch losses gives the minibatch loss exactly.
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
