@@ -28,7 +28,7 @@ SMALL = dict(vocab_size=3072, hidden_size=512, intermediate_size=1024, num_layer
 
 
 def _config(args):
-    from r1zero_jax.models.qwen2 import QwenConfig
+    from r1zero_jax.models import QwenConfig
 
     return QwenConfig.preset(args.preset) if args.preset else QwenConfig(**SMALL)
 
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
     if args.child:
         return _child(args)
 
-    from r1zero_jax.models.qwen2 import num_params
+    from r1zero_jax.models.decoder import num_params
 
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     tmp = tempfile.TemporaryDirectory()

@@ -63,9 +63,10 @@ def main(argv=None) -> int:
 
     from r1zero_jax import sharding as shd
     from r1zero_jax.config import OptimConfig, RLConfig
-    from r1zero_jax.models.qwen2 import QwenConfig, init_model
+    from r1zero_jax.models import QwenConfig
+    from r1zero_jax.models.decoder import init_model, params_of
     from r1zero_jax.rl.learner import (LearnBatch, Learner, init_state, jit_learner, lr_schedule,
-                                       make_binder, make_optimizer, params_of)
+                                       make_binder, make_optimizer)
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]
     if a.preset == "tiny":

@@ -237,7 +237,7 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
     from flax import nnx
 
     from r1zero_jax import sharding as shd
-    from r1zero_jax.models.qwen2 import abstract_model, check_mesh_fits, param_shardings
+    from r1zero_jax.models.decoder import abstract_model, check_mesh_fits, param_shardings
     from r1zero_jax.rewards.templates import STOP_STRINGS
     from r1zero_jax.rl.learner import Learner, LearnBatch, abstract_train_state, jit_learner
     from r1zero_jax.sampling import sampler

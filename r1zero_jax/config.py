@@ -18,22 +18,25 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r1zero_jax import dtypes, models
 from r1zero_jax.rewards.templates import TEMPLATES
 
 # Vocabulary of the RL room; rl/losses.py registers one implementation per name (a test checks).
 LOSS_NAMES = ("dr_grpo", "grpo")
 # "" keeps the loss's own aggregation; "token_mean" is DAPO's mean over all tokens of the batch.
 AGGREGATIONS = ("", "token_mean")
-DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and initial weights. `preset` names a QwenConfig preset, or "custom" for the
-    fields below; `path` (HF dir or r1zero-jax checkpoint) loads weights, "" initialises randomly."""
+    """Architecture and initial weights. `preset` names a published shape of any family
+    (`models.preset_names()`), or "custom" for the fields below in `family` (an HF model_type of
+    `models.FAMILIES`); `path` (HF dir or r1zero-jax checkpoint) loads weights (and its
+    architecture), "" initialises randomly."""
 
     preset: str = "qwen2.5-math-1.5b"
+    family: str = "qwen2"  # a custom model's family
     path: str = ""  # a local directory on every host (e.g. an HF snapshot of the base model)
     vocab_size: int = 0  # 0: the tokenizer's size (custom models)
     hidden_size: int = 64
@@ -420,8 +423,7 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
         raise ValueError(f"data.template: unknown template {cfg.data.template!r}; "
                          f"choose one of {sorted(TEMPLATES)}")
     for key in ("model.dtype", "model.param_dtype"):
-        if getattr(cfg.model, key.split(".")[1]) not in DTYPES:
-            raise ValueError(f"{key}: expected one of {DTYPES}")
+        dtypes.check(getattr(cfg.model, key.split(".")[1]), key)
     if rl.rollout_batch_size % rl.group_size:
         raise ValueError(f"rl.rollout_batch_size={rl.rollout_batch_size} is not divisible by "
                          f"rl.group_size={rl.group_size}")
@@ -436,6 +438,10 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
                          f"sampling.prompts_per_call={cfg.sampling.prompts_per_call}")
     if tr.warmup_sft_steps and cfg.data.source != "synthetic":
         raise ValueError("train.warmup_sft_steps is only for data.source='synthetic'")
+    try:
+        models.config_from_run(cfg.model, tokenizer_size=1)  # a family and preset that exist
+    except ValueError as e:
+        raise ValueError(f"model: {e}") from None
     if cfg.model.preset == "custom":
         m = cfg.model
         if m.num_heads % m.num_kv_heads:
