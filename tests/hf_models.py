@@ -6,13 +6,15 @@ import numpy as np
 def make_hf_model(out_dir, *, vocab=96, hidden=32, inter=48, layers=2, heads=4, kv_heads=2,
                   theta=5000.0, eps=1e-5, tie=False, seed=0, noise=0.1, family="qwen2",
                   rope_scaling=None, eos=2):
-    """Save a random Qwen2ForCausalLM (non-zero biases) or LlamaForCausalLM (`rope_scaling`: HF's
-    dict, e.g. Llama 3's) with norm weights away from 1; return the model."""
+    """Save a random Qwen2ForCausalLM (non-zero biases), Qwen3ForCausalLM (q/k norms) or
+    LlamaForCausalLM (`rope_scaling`: HF's dict, e.g. Llama 3's) with norm weights away from 1;
+    return the model."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers as tf
 
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                             "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    config_cls, model_cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                             "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+                             "llama": (tf.LlamaConfig, tf.LlamaForCausalLM)}[family]
     extra = {} if rope_scaling is None else {"rope_scaling": rope_scaling}
     torch.manual_seed(seed)
     cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from r1zero_jax import cli, models
 from r1zero_jax.config import ModelConfig
@@ -38,17 +39,24 @@ LLAMA_3_2_3B_JSON = {
     "use_cache": True, "vocab_size": 128256}
 
 
-def _llama(path, **kw):
-    return make_hf_model(path, family="llama", theta=10000.0, rope_scaling=LLAMA3_ROPE, **kw)
+def _llama(path, family="llama", **kw):
+    """A tiny Llama with Llama 3's RoPE scaling, or a tiny Qwen3 (qk-norm, default RoPE)."""
+    scaling = LLAMA3_ROPE if family == "llama" else None
+    return make_hf_model(path, family=family, theta=10000.0, rope_scaling=scaling, **kw)
 
 
 def _mesh1():
     return make_mesh("data=1", jax.devices()[:1])
 
 
+@nnx.jit
+def _call(model, tokens, positions, mask, cache=None):
+    return model(tokens, positions, mask, cache)  # compiled: op by op takes seconds
+
+
 def _forward(model, tokens, mask):
     pos = positions_from_mask(jnp.asarray(mask))
-    logits, _ = model(jnp.asarray(tokens), pos, jnp.asarray(mask))
+    logits, _ = _call(model, jnp.asarray(tokens), pos, jnp.asarray(mask))
     return np.asarray(logits), np.asarray(pos)
 
 
@@ -77,13 +85,15 @@ def test_rope_frequencies_match_transformers(head_dim, theta, rope):
         assert ((ours != plain) & (ours != plain / rope["factor"])).any()
 
 
-@pytest.mark.parametrize("tie", [True, False])  # 3.2 (tied head) and 3.1 shapes
-def test_llama_logits_match_transformers(tmp_path, tie):
-    hf = _llama(tmp_path, tie=tie, heads=4, kv_heads=2)
+@pytest.mark.parametrize("family,tie", [("llama", True), ("llama", False), ("qwen3", False)])
+def test_llama_logits_match_transformers(tmp_path, family, tie):
+    """Llama 3.2 (tied head) and 3.1 shapes; Qwen3 for the qk-norm option."""
+    hf = _llama(tmp_path, family, tie=tie, heads=4, kv_heads=2)
     model, cfg, _ = conv.load_model(str(tmp_path), _mesh1())
-    assert isinstance(cfg, LlamaConfig) and not cfg.qkv_bias and cfg.tie_word_embeddings == tie
-    assert cfg.rope_scaling.original_max_position_embeddings == 128
-    assert not hasattr(model.layers[0].attn, "q_bias")
+    assert type(cfg) is models.FAMILIES[family] and cfg.tie_word_embeddings == tie
+    assert not cfg.qkv_bias and not hasattr(model.layers[0].attn, "q_bias")
+    assert cfg.qk_norm == hasattr(model.layers[0].attn, "q_norm") == (family == "qwen3")
+    assert (cfg.rope_scaling is not None) == (family == "llama")
     for lengths in ([12, 12], [12, 5, 9, 1]):  # without and with left padding
         tokens, mask = left_padded_batch(cfg.vocab_size, lengths)
         ours, pos = _forward(model, tokens, mask)
@@ -96,12 +106,12 @@ def test_llama_cached_decode_and_sharded_forward(tmp_path):
     tokens, mask = left_padded_batch(cfg.vocab_size, [9, 4, 9, 2, 7, 9, 3, 6])
     full, pos = _forward(model, tokens, mask)
     cache = KVCache.init(cfg, 8, 12)
-    logits, cache = model(jnp.asarray(tokens[:, :5]), jnp.asarray(pos[:, :5]),
+    logits, cache = _call(model, jnp.asarray(tokens[:, :5]), jnp.asarray(pos[:, :5]),
                           jnp.asarray(mask[:, :5]), cache)
     steps = [np.asarray(logits)]
     for t in range(5, tokens.shape[1]):
-        logits, cache = model(jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]),
-                              jnp.asarray(mask[:, t:t + 1]), cache)
+        logits, cache = _call(model, jnp.asarray(tokens[:, t:t + 1]),
+                              jnp.asarray(pos[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, 1)[mask], full[mask], atol=1e-4)
 
@@ -113,20 +123,25 @@ def test_llama_cached_decode_and_sharded_forward(tmp_path):
     np.testing.assert_allclose(_forward(sharded, tokens, mask)[0][mask], full[mask], atol=1e-5)
 
 
-def test_llama_converts_both_ways_bit_identical(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_llama_converts_both_ways_bit_identical(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
     src, ours, back = tmp_path / "src", tmp_path / "ours", tmp_path / "back"
-    _llama(src, tie=True)
+    _llama(src, family, tie=True)
     assert cli.main(["convert", "from-hf", str(src), str(ours)]) == 0
     assert cli.main(["convert", "to-hf", str(ours), str(back), "--dtype", "float32"]) == 0
     a, b = (conv._hf_tensor_files(str(p)) for p in (src, back))
     assert set(a) == set(b) and not any(n.endswith(".bias") for n in b)
     for name in a:
         np.testing.assert_array_equal(a[name].get(name), b[name].get(name), err_msg=name)
+    assert ("model.layers.1.self_attn.k_norm.weight" in b) == (family == "qwen3")
     config = json.loads((back / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
-    assert config["rope_parameters"] == {**LLAMA3_ROPE, "rope_theta": 10000.0}
+    assert config["model_type"] == family
+    assert config["architectures"] == [{"llama": "LlamaForCausalLM",
+                                        "qwen3": "Qwen3ForCausalLM"}[family]]
+    if family == "llama":
+        assert config["rope_parameters"] == {**LLAMA3_ROPE, "rope_theta": 10000.0}
     ref, loaded = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (src, back))
     tokens, mask = left_padded_batch(96, [6, 3])
     pos = np.asarray(positions_from_mask(jnp.asarray(mask)))

@@ -74,15 +74,19 @@ _LLAMA_STYLE_LAYER = (
     (("mlp", "down_kernel"), "mlp.down_proj.weight", "linear", None),
 ) + tuple(row for p in "qkv" for row in (
     (("attn", f"{p}_kernel"), f"self_attn.{p}_proj.weight", "linear", None),
-    (("attn", f"{p}_bias"), f"self_attn.{p}_proj.bias", "bias", "qkv_bias")))
-# Qwen2 and Llama name their tensors alike; a family with other names adds its own tables.
-WEIGHT_NAMES = {"qwen2": (_LLAMA_STYLE_TOP, _LLAMA_STYLE_LAYER),
-                "llama": (_LLAMA_STYLE_TOP, _LLAMA_STYLE_LAYER)}
+    (("attn", f"{p}_bias"), f"self_attn.{p}_proj.bias", "bias", "qkv_bias"))) + (
+    (("attn", "q_norm", "weight"), "self_attn.q_norm.weight", "same", "qk_norm"),
+    (("attn", "k_norm", "weight"), "self_attn.k_norm.weight", "same", "qk_norm"),
+)
+# Qwen2, Qwen3 and Llama name their tensors alike; a family with other names adds its own.
+WEIGHT_NAMES = {family: (_LLAMA_STYLE_TOP, _LLAMA_STYLE_LAYER)
+                for family in ("qwen2", "qwen3", "llama")}
 
 
 def weight_table(cfg: DecoderConfig) -> list[tuple[tuple, str, Callable, Callable]]:
     """(our state path, HF tensor name, hf->ours, ours->hf) for every parameter."""
-    flags = {None: True, "untied": not cfg.tie_word_embeddings, "qkv_bias": cfg.qkv_bias}
+    flags = {None: True, "untied": not cfg.tie_word_embeddings, "qkv_bias": cfg.qkv_bias,
+             "qk_norm": cfg.qk_norm}
     top, layer = WEIGHT_NAMES[cfg.model_type]
     rows = [(path, name, *_LAYOUTS[layout]()) for path, name, layout, flag in top if flags[flag]]
     for i in range(cfg.num_layers):

@@ -10,11 +10,12 @@ from typing import Any
 
 from r1zero_jax.models.family import DecoderConfig, RopeScaling, eos_ids
 from r1zero_jax.models.llama import LlamaConfig
-from r1zero_jax.models.qwen import QwenConfig
+from r1zero_jax.models.qwen import Qwen3Config, QwenConfig
 
-FAMILIES: dict[str, type[DecoderConfig]] = {c.model_type: c for c in (QwenConfig, LlamaConfig)}
+FAMILIES: dict[str, type[DecoderConfig]] = {
+    c.model_type: c for c in (QwenConfig, Qwen3Config, LlamaConfig)}
 
-__all__ = ["FAMILIES", "DecoderConfig", "LlamaConfig", "QwenConfig", "RopeScaling",
+__all__ = ["FAMILIES", "DecoderConfig", "LlamaConfig", "Qwen3Config", "QwenConfig", "RopeScaling",
            "config_from_hf", "config_from_run", "eos_ids", "family_for", "preset", "preset_names",
            "vocab_for_tokenizer"]
 

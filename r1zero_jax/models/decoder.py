@@ -1,8 +1,8 @@
 """The one decoder every model family runs (Flax NNX), with a KV cache for the sampler.
 
 Pre-norm blocks of grouped-query attention with RoPE and a SwiGLU MLP, RMSNorm; the family's
-config (models/family.py) picks the variant: q/k/v biases (Qwen2), Llama 3's RoPE scaling, a tied
-LM head.
+config (models/family.py) picks the variant: q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3),
+Llama 3's RoPE scaling, a tied LM head.
 
 Shapes: B batch, T query length, S cache slots, D embed, N query heads, K kv heads, G = N // K,
 H head dim, F mlp, V vocab, L layers. Every parameter carries `logical` axis names that
@@ -153,6 +153,9 @@ class Attention(nnx.Module):
         if cfg.qkv_bias:
             self.v_bias = _param(rngs, z, (k, h), param_dtype, ("kv_heads", "head_dim"))
         self.o_kernel = _param(rngs, w, (n, h, d), param_dtype, ("heads", "head_dim", "embed"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, key_valid, key_slot, query_slot, kv=None, index=None):
         """x [B,T,D]; key_valid [B,S]; key_slot [S]; query_slot [T].
@@ -167,6 +170,8 @@ class Attention(nnx.Module):
         v = jnp.einsum("BTD,DKH->BTKH", x, p(self.v_kernel))
         if cfg.qkv_bias:
             q, k, v = q + p(self.q_bias), k + p(self.k_bias), v + p(self.v_bias)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = _pin(q, _Q_AXES), _pin(k, _KV_AXES), _pin(v, _KV_AXES)
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)

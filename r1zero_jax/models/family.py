@@ -32,7 +32,7 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """The shared decoder's shape and variant. Subclasses set `model_type`, `architecture` and
-    their defaults; `eos_token_ids` are the checkpoint's end-of-sequence ids (its config.json
+    their defaults (the variant flags: qkv_bias, qk_norm, rope_scaling); `eos_token_ids` are the checkpoint's end-of-sequence ids (its config.json
     and generation_config.json), which the sampler stops on."""
 
     model_type: ClassVar[str] = ""  # HF config.json `model_type`: the registry key
@@ -50,6 +50,7 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim of each query and key head, before RoPE
     rope_scaling: RopeScaling | None = None
     eos_token_ids: tuple[int, ...] = ()
 

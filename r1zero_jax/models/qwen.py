@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen2.5: the shared decoder with q/k/v biases."""
+"""Qwen2 / Qwen2.5: the shared decoder with q/k/v biases; Qwen3: with per-head q/k norms."""
 
 from __future__ import annotations
 
@@ -67,3 +67,22 @@ class QwenConfig(DecoderConfig):
     @classmethod
     def qwen2_5_math_7b(cls):
         return cls._qwen(3584, 18944, 28, 28, 4, False, vocab=152064, theta=10000.0, max_pos=4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config(DecoderConfig):
+    model_type: ClassVar[str] = "qwen3"
+    architecture: ClassVar[str] = "Qwen3ForCausalLM"
+    qk_norm: bool = True
+
+    @classmethod
+    def _family_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        if d.get("attention_bias"):  # a bias on o_proj too, which the decoder lacks
+            raise ValueError("config.json sets attention_bias: true; not supported for qwen3")
+        if d.get("use_sliding_window"):
+            raise ValueError("config.json sets use_sliding_window: true; sliding-window "
+                             "attention is not supported")
+        return {}
+
+    def _family_hf_fields(self) -> dict[str, Any]:
+        return {"attention_bias": False, "use_sliding_window": False}
