@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from r1zero_jax import dtypes
+
 SMALL = dict(vocab_size=3072, hidden_size=512, intermediate_size=1024, num_layers=6, num_heads=8,
              num_kv_heads=2, tie_word_embeddings=True, rope_theta=10000.0)
 
@@ -160,7 +162,7 @@ def _mem(res: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default=None, help="QwenConfig preset (default: the 15M model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=dtypes.NAMES)
     p.add_argument("--mesh", default="data=-1")
     p.add_argument("--batch", default="8,32", help="batch sizes of the throughput table")
     p.add_argument("--prompt-len", type=int, default=32)

@@ -438,10 +438,12 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
                          f"sampling.prompts_per_call={cfg.sampling.prompts_per_call}")
     if tr.warmup_sft_steps and cfg.data.source != "synthetic":
         raise ValueError("train.warmup_sft_steps is only for data.source='synthetic'")
+    key, check = (("model.family", models.family_for) if cfg.model.preset == "custom"
+                  else ("model.preset", models.preset))
     try:
-        models.config_from_run(cfg.model, tokenizer_size=1)  # a family and preset that exist
+        check(getattr(cfg.model, key.split(".")[1]))
     except ValueError as e:
-        raise ValueError(f"model: {e}") from None
+        raise ValueError(f"{key}: {e}") from None
     if cfg.model.preset == "custom":
         m = cfg.model
         if m.num_heads % m.num_kv_heads:

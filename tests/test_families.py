@@ -198,3 +198,15 @@ def test_sampler_stops_on_the_checkpoint_eos_ids(tmp_path):
                 mesh=_mesh1())
     assert ro.lengths[0] == 3 and ro.finish_reason[0] == "stop"
     np.testing.assert_array_equal(ro.tokens[0, :3], greedy.tokens[0, :3])
+
+
+def test_run_config_names_a_family_and_preset_that_exist():
+    from r1zero_jax.config import load_config
+
+    cfg = load_config("cpu_smoke", ["model.family=llama"])
+    assert type(models.config_from_run(cfg.model, 30)) is LlamaConfig  # cpu_smoke is custom
+    with pytest.raises(ValueError, match="model.family: unknown model_type 'gpt2'"):
+        load_config("cpu_smoke", ["model.family=gpt2"])
+    with pytest.raises(ValueError, match="model.preset: unknown model preset 'llama-4'"):
+        load_config("cpu_smoke", ["model.preset=llama-4"])
+    assert load_config("cpu_smoke", ["model.preset=llama-3.2-3b"]).model.preset == "llama-3.2-3b"
