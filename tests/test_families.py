@@ -210,3 +210,24 @@ def test_run_config_names_a_family_and_preset_that_exist():
     with pytest.raises(ValueError, match="model.preset: unknown model preset 'llama-4'"):
         load_config("cpu_smoke", ["model.preset=llama-4"])
     assert load_config("cpu_smoke", ["model.preset=llama-3.2-3b"]).model.preset == "llama-3.2-3b"
+
+
+def test_prompts_start_with_the_tokenizers_bos():
+    """A Llama 3 tokenizer prepends <|begin_of_text|> (its post-processor); prompts keep it."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from r1zero_jax.data.pipeline import make_encoder
+    from r1zero_jax.sampling.generate import tokenize_left_padded
+
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "one": 2, "plus": 3, "two": 4}
+    raw = Tokenizer(tok_models.WordLevel(vocab, unk_token="<|end_of_text|>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|begin_of_text|>",
+                                  eos_token="<|end_of_text|>")
+    assert make_encoder(tok)(["one plus two", "two"]) == [[0, 2, 3, 4], [0, 4]]
+    tokens, mask = tokenize_left_padded(tok, ["one plus two", "two"])
+    np.testing.assert_array_equal(tokens, [[0, 2, 3, 4], [0, 0, 0, 4]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 0, 1, 1]])

@@ -150,7 +150,7 @@ def test_convert_from_hf_then_greedy_generate_equals_transformers(tmp_path, fami
         rows = [json.loads(x) for x in out.read_text().splitlines()]
         assert [r["prompt"] for r in rows] == prompts
         for row in rows:
-            ids = tok(row["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+            ids = tok(row["prompt"], return_tensors="pt")["input_ids"]
             with torch.no_grad():
                 ref = torch_model.generate(ids, attention_mask=torch.ones_like(ids),
                                            max_new_tokens=8, do_sample=False,

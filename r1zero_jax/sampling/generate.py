@@ -35,8 +35,9 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None, template: 
 
 
 def tokenize_left_padded(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> (int32 [B, T] left-padded with 0, bool mask [B, T]); no special tokens added."""
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    """Texts -> (int32 [B, T] left-padded with 0, bool mask [B, T]), with the tokenizer's own
+    special tokens (Llama 3's BOS; none for Qwen)."""
+    ids = [tokenizer(t)["input_ids"] for t in texts]
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
         raise ValueError(f"prompts {empty[:10]} tokenize to nothing")
