@@ -24,7 +24,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from r1zero_jax import paths  # noqa: E402
+from r1zero_jax import dtypes, paths  # noqa: E402
 from r1zero_jax.checkpoint import Checkpointer  # noqa: E402
 
 import jax  # noqa: E402
@@ -109,7 +109,7 @@ def orbax_round(root: str, params: dict, mesh: Mesh, step: int) -> dict[str, flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="local", help="local, emulator, or a gs:// prefix")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=dtypes.NAMES)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="local directory (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write the results here too")

@@ -23,12 +23,14 @@ import sys
 import tempfile
 import time
 
+from r1zero_jax import dtypes
+
 SMALL = dict(vocab_size=3072, hidden_size=512, intermediate_size=1024, num_layers=6, num_heads=8,
              num_kv_heads=2, tie_word_embeddings=True, rope_theta=10000.0)
 
 
 def _config(args):
-    from r1zero_jax.models.qwen2 import QwenConfig
+    from r1zero_jax.models import QwenConfig
 
     return QwenConfig.preset(args.preset) if args.preset else QwenConfig(**SMALL)
 
@@ -160,7 +162,7 @@ def _mem(res: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default=None, help="QwenConfig preset (default: the 15M model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=dtypes.NAMES)
     p.add_argument("--mesh", default="data=-1")
     p.add_argument("--batch", default="8,32", help="batch sizes of the throughput table")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -182,7 +184,7 @@ def main(argv=None) -> None:
     if args.child:
         return _child(args)
 
-    from r1zero_jax.models.qwen2 import num_params
+    from r1zero_jax.models.decoder import num_params
 
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     tmp = tempfile.TemporaryDirectory()

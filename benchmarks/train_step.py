@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from r1zero_jax import dtypes
+
 PEAK_BF16_TFLOPS = {  # dense, per device as JAX counts devices
     "H100": 989.0, "H200": 989.0, "A100": 312.0,
     "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0,
@@ -27,12 +29,12 @@ PEAK_BF16_TFLOPS = {  # dense, per device as JAX counts devices
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", help="QwenConfig preset name, or 'tiny'")
+    p.add_argument("--preset", default="tiny", help="a model preset of any family, or 'tiny'")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (prompt + response)")
     p.add_argument("--response", type=int, default=0, help="response tokens (default 3/4 of seq)")
     p.add_argument("--batch", type=int, default=8, help="sequences per microbatch per data shard")
     p.add_argument("--accum", type=int, default=1, help="microbatches per optimizer step")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=dtypes.NAMES, default="float32")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--logits-chunk", type=int, default=0)
     p.add_argument("--mesh", default="data=4,tensor=2")
@@ -61,18 +63,20 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
+    from r1zero_jax import models
     from r1zero_jax import sharding as shd
     from r1zero_jax.config import OptimConfig, RLConfig
-    from r1zero_jax.models.qwen2 import QwenConfig, init_model
+    from r1zero_jax.models.decoder import init_model, params_of
     from r1zero_jax.rl.learner import (LearnBatch, Learner, init_state, jit_learner, lr_schedule,
-                                       make_binder, make_optimizer, params_of)
+                                       make_binder, make_optimizer)
 
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]
+    dtype = dtypes.numpy_dtype(a.dtype)
     if a.preset == "tiny":
-        qc = QwenConfig(vocab_size=32, hidden_size=64, intermediate_size=256, num_layers=2,
-                        num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
+        qc = models.QwenConfig(vocab_size=32, hidden_size=64, intermediate_size=256, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=16,
+                               tie_word_embeddings=True)
     else:
-        qc = QwenConfig.preset(a.preset)
+        qc = models.preset(a.preset)
     mesh = shd.make_mesh(a.mesh)
     shards = shd.axis_size(mesh, "batch")
     micro = a.batch * shards

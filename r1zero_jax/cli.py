@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 
+from r1zero_jax import dtypes
 from r1zero_jax.rewards.templates import TEMPLATES
 
 
@@ -20,7 +21,7 @@ def _add_convert(sub):
     t = conv.add_parser("to-hf", help="r1zero-jax checkpoint -> HF directory")
     t.add_argument("ckpt")
     t.add_argument("out")
-    t.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    t.add_argument("--dtype", choices=dtypes.NAMES, default="bfloat16")
 
     def run(a):
         from r1zero_jax.convert import hf
@@ -48,7 +49,7 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--mesh", default="data=-1")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--dtype", choices=dtypes.NAMES, default="bfloat16")
     p.add_argument("--output", help="write one JSON row per sample here")
 
     def run(a):
@@ -121,7 +122,7 @@ def _add_eval(sub):
     p.add_argument("--output-dir", default=None, help="default: eval_results/<model name>")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model's)")
     p.add_argument("--mesh", default="data=-1")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--dtype", choices=dtypes.NAMES, default="bfloat16")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per sampler call")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip (and count) longer prompts")

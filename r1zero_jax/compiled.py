@@ -237,7 +237,7 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
     from flax import nnx
 
     from r1zero_jax import sharding as shd
-    from r1zero_jax.models.qwen2 import abstract_model, check_mesh_fits, param_shardings
+    from r1zero_jax.models.decoder import abstract_model, check_mesh_fits, param_shardings
     from r1zero_jax.rewards.templates import STOP_STRINGS
     from r1zero_jax.rl.learner import Learner, LearnBatch, abstract_train_state, jit_learner
     from r1zero_jax.sampling import sampler
@@ -288,6 +288,8 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
         rows = lambda dt: jax.ShapeDtypeStruct(  # noqa: E731
             (-(-prompts // shards) * shards, sampler.prompt_width(tp)), dt,
             sharding=shd.logical_sharding(mesh, ("batch", None)))
+        # Without the tokenizer a stop string naming a special token (qwen_math's <|im_end|>)
+        # is compiled as a table; the run makes it a stop id: one [V, len+1] int32 table more.
         stop_strings = STOP_STRINGS[cfg.data.template]
         plan = sampler.Plan(
             n=cfg.rl.group_size, max_new_tokens=s.max_new_tokens, greedy=s.temperature == 0,

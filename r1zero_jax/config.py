@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r1zero_jax import dtypes, models
 from r1zero_jax.mesh_spec import parse_mesh_spec
 from r1zero_jax.rewards.templates import TEMPLATES
 
@@ -25,15 +26,17 @@ from r1zero_jax.rewards.templates import TEMPLATES
 LOSS_NAMES = ("dr_grpo", "grpo")
 # "" keeps the loss's own aggregation; "token_mean" is DAPO's mean over all tokens of the batch.
 AGGREGATIONS = ("", "token_mean")
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and initial weights. `preset` names a QwenConfig preset, or "custom" for the
-    fields below; `path` (HF dir or r1zero-jax checkpoint) loads weights, "" initialises randomly."""
+    """Architecture and initial weights. `preset` names a published shape of any family
+    (`models.preset_names()`), or "custom" for the fields below in `family` (an HF model_type of
+    `models.FAMILIES`); `path` (HF dir or r1zero-jax checkpoint) loads weights (and its
+    architecture), "" initialises randomly."""
 
     preset: str = "qwen2.5-math-1.5b"
+    family: str = "qwen2"  # a custom model's family
     path: str = ""  # a local directory on every host (e.g. an HF snapshot of the base model)
     vocab_size: int = 0  # 0: the tokenizer's size (custom models)
     hidden_size: int = 64
@@ -393,8 +396,7 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
         raise ValueError(f"data.template: unknown template {cfg.data.template!r}; "
                          f"choose one of {sorted(TEMPLATES)}")
     for key in ("model.dtype", "model.param_dtype"):
-        if getattr(cfg.model, key.split(".")[1]) not in DTYPES:
-            raise ValueError(f"{key}: expected one of {DTYPES}")
+        dtypes.check(getattr(cfg.model, key.split(".")[1]), key)
     if rl.rollout_batch_size % rl.group_size:
         raise ValueError(f"rl.rollout_batch_size={rl.rollout_batch_size} is not divisible by "
                          f"rl.group_size={rl.group_size}")
@@ -414,6 +416,12 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
     if tr.warmup_sft_steps and cfg.data.source != "synthetic" and cfg.data.task == "math":
         raise ValueError("train.warmup_sft_steps: the math task's warm-up is for "
                          "data.source='synthetic' only")
+    key, check = (("model.family", models.family_for) if cfg.model.preset == "custom"
+                  else ("model.preset", models.preset))
+    try:
+        check(getattr(cfg.model, key.split(".")[1]))
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
     if cfg.model.preset == "custom":
         m = cfg.model
         if m.num_heads % m.num_kv_heads:

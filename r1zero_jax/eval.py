@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from r1zero_jax import jsonl
+from r1zero_jax import dtypes, jsonl
 from r1zero_jax.analysis import length_by_correctness, self_reflection
 from r1zero_jax.data.builders import (BENCHMARKS, find_local_file, load_split, read_jsonl_rows,
                                      validate_row)
@@ -388,9 +388,6 @@ def write_jsonl(path: str, records: Iterable[dict], append: bool = False) -> Non
 # Command line
 
 
-_DTYPES = ("float32", "bfloat16")
-
-
 def eval_cli(model: str | None = None, benchmarks: str | None = None,
              template: str = "qwen_math", max_new_tokens: int = 3000, temperature: float = 0.0,
              n: int = 1, limit: int | None = None, data_dir: str | None = None,
@@ -469,15 +466,12 @@ def _label(path: str) -> str:
 def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, temperature, n, limit,
                 data_dir, source_dir, mesh_spec, batch_size, tokenizer_path, top_p, seed, dtype,
                 max_prompt_tokens, writer=True):
-    import jax.numpy as jnp
-
     from r1zero_jax.convert.hf import load_model, load_tokenizer
     from r1zero_jax.sampling.sampler import SamplingParams
     from r1zero_jax.sharding import make_mesh
     from r1zero_jax.tasks import MathTask
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    dtypes.check(dtype, "--dtype")
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"--model {model_path} does not exist")
     task = MathTask(run["template"])
@@ -490,7 +484,7 @@ def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, tempe
         raise ValueError(f"no tokenizer in {tokenizer_path or model_path}; pass --tokenizer DIR "
                          "(a Hugging Face tokenizer directory)")
     mesh = make_mesh(mesh_spec)
-    model, _, _ = load_model(model_path, mesh, dtype=getattr(jnp, dtype))
+    model, _, _ = load_model(model_path, mesh, dtype=dtypes.numpy_dtype(dtype))
     if writer:
         os.makedirs(os.path.dirname(gen_path) or ".", exist_ok=True)
         open(gen_path, "w").close()

@@ -34,6 +34,7 @@ import os
 import re
 from typing import Any
 
+from r1zero_jax import dtypes
 from r1zero_jax.mesh_spec import parse_mesh_spec
 
 GiB = 2**30
@@ -47,7 +48,6 @@ _GENERATIONS = {
     "v6e": (32 * GiB, 1, "v2-alpha-tpuv6e"),
 }
 _ALIASES = {"v5e": "v5litepod"}
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,7 @@ def param_leaves(config) -> tuple[tuple[str, tuple[int, ...], tuple[str | None, 
     import jax
     from flax import nnx
 
-    from r1zero_jax.models.qwen2 import abstract_model
+    from r1zero_jax.models.decoder import abstract_model
 
     state = nnx.state(abstract_model(config), nnx.Param)
     out = []
@@ -149,7 +149,7 @@ def mesh_problems(config, mesh: dict[str, int], w: Workload | None = None) -> li
 
 def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> dict[str, Any]:
     """The memory plan: per-device bytes by kind, the peak, and whether it fits `hbm_bytes`."""
-    pb, cb = _DTYPE_BYTES[w.param_dtype], _DTYPE_BYTES[w.dtype]
+    pb, cb = dtypes.BYTES[w.param_dtype], dtypes.BYTES[w.dtype]
     leaves = param_leaves(config)
     num_params = sum(math.prod(s) for _, s, _ in leaves)
     elems = sum(math.prod(s) // math.prod(_shards(a, mesh) for a in ax) for _, s, ax in leaves)
@@ -269,29 +269,19 @@ def workload_from_config(cfg) -> Workload:
         reference_model=rl.kl_beta > 0, rollout_sequences=rl.rollout_batch_size)
 
 
-def qwen_config_of(cfg):
-    """The architecture a RunConfig names (weights at model.path are not read)."""
-    from r1zero_jax.models.qwen2 import PRESETS, QwenConfig
+def model_config_of(cfg):
+    """The architecture a RunConfig names (weights at model.path are not read). A custom model
+    without a vocab_size takes the tokenizer the run would load: the synthetic task's, or
+    Qwen2.5's."""
+    from r1zero_jax.models import config_from_run
 
-    m = cfg.model
-    if m.preset in PRESETS.values():  # the method name, as configs/*.py write it
-        return getattr(QwenConfig, m.preset)()
-    if m.preset != "custom":
-        return QwenConfig.preset(m.preset)
-    vocab = m.vocab_size
-    if not vocab:  # the trainer takes the tokenizer's size, rounded up to a multiple of 64
-        if cfg.data.source == "synthetic":
-            from r1zero_jax.data.synthetic import SyntheticTokenizer
+    if cfg.data.source == "synthetic":
+        from r1zero_jax.data.synthetic import SyntheticTokenizer
 
-            vocab = -(-len(SyntheticTokenizer()) // 64) * 64
-        else:
-            vocab = 151_680  # the Qwen2.5 tokenizer (151,665 tokens)
-    return QwenConfig(vocab_size=vocab, hidden_size=m.hidden_size,
-                      intermediate_size=m.intermediate_size, num_layers=m.num_layers,
-                      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-                      rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps,
-                      tie_word_embeddings=m.tie_word_embeddings,
-                      max_position_embeddings=m.max_position_embeddings)
+        return config_from_run(cfg.model, len(SyntheticTokenizer()))
+    from r1zero_jax.data.qwen_tokenizer import QWEN25_ADDED_TOKENS, FIRST_ADDED_ID
+
+    return config_from_run(cfg.model, FIRST_ADDED_ID + len(QWEN25_ADDED_TOKENS))
 
 
 def mesh_for_topology(spec: str, chips: int) -> tuple[dict[str, int], str]:
@@ -327,7 +317,7 @@ def plan_config(cfg, topology: str | None = None) -> dict[str, Any]:
     topo = parse_topology(topology)
     mesh, note = mesh_for_topology(cfg.mesh.spec, topo.chips)
     w = workload_from_config(cfg)
-    out = plan_memory(qwen_config_of(cfg), mesh, w, topo.hbm_bytes)
+    out = plan_memory(model_config_of(cfg), mesh, w, topo.hbm_bytes)
     out.update(config=cfg.name, topology=topo.name, chips=topo.chips, hosts=topo.hosts)
     if note:
         out["note"] = note
@@ -376,7 +366,7 @@ def compile_plan(cfg, topology: str | None = None, printer=print) -> dict[str, A
     the analytic plan's. Fits when every program's peak (plus the resident training state it
     does not take as an argument) stays under FIT_FRACTION of HBM."""
     from r1zero_jax import compiled as comp
-    from r1zero_jax.models.qwen2 import num_params
+    from r1zero_jax.models.decoder import num_params
     from r1zero_jax.sharding import make_mesh
 
     analytic = plan_config(cfg, topology)
@@ -387,15 +377,15 @@ def compile_plan(cfg, topology: str | None = None, printer=print) -> dict[str, A
                 "advice": [f"mesh: {p}" for p in analytic["mesh_problems"]]}
     devices = comp.topology_devices(topo)
     spec = ",".join(f"{k}={v}" for k, v in analytic["mesh"].items())
-    qc = qwen_config_of(cfg)
+    qc = model_config_of(cfg)
     programs = comp.compile_programs(cfg, qc, make_mesh(spec, devices), printer=printer)
     learn = programs["learn"]
     # Weight-gathering FSDP moves, per microbatch, the compute-dtype weights three times
     # (forward, remat forward, backward) and reduce-scatters the float32 gradients once; each
     # chip holds 1/tensor of every gathered weight.
     a = cfg.train.minibatch_size // cfg.microbatch
-    ideal = a * num_params(qc) * (3 * _DTYPE_BYTES[cfg.model.dtype]
-                                  + _DTYPE_BYTES[cfg.model.param_dtype]) / analytic["mesh"]["tensor"]
+    ideal = a * num_params(qc) * (3 * dtypes.BYTES[cfg.model.dtype]
+                                  + dtypes.BYTES[cfg.model.param_dtype]) / analytic["mesh"]["tensor"]
     learn["fsdp_ideal_bytes_per_step"] = int(ideal)
     learn["collective_ratio_to_ideal"] = round(learn["collective_bytes_per_step"] / ideal, 3)
     budget = FIT_FRACTION * topo.hbm_bytes

@@ -34,7 +34,7 @@ def v4_8_programs():
 
     cfg = load_config("qwen2_5_math_1_5b_dr_grpo", TINY_MODEL + TINY_RUN)
     mesh = make_mesh(cfg.mesh.spec, _tpu_devices("v4-8"))
-    qc = plan_lib.qwen_config_of(cfg)
+    qc = plan_lib.model_config_of(cfg)
     kept = {}
     out = comp.compile_programs(cfg, qc, mesh, printer=lambda *a, **k: None, keep=kept)
     return cfg, qc, mesh, out, kept
@@ -70,7 +70,7 @@ def test_decode_loop_moves_no_weight_matrix_and_no_vocab_logits(v4_8_programs):
 
 def test_learner_collectives_within_the_fsdp_budget(v4_8_programs):
     cfg, qc, mesh, out, _ = v4_8_programs
-    from r1zero_jax.models.qwen2 import num_params
+    from r1zero_jax.models.decoder import num_params
 
     learn = out["learn"]
     a = cfg.train.minibatch_size // cfg.microbatch

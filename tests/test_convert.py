@@ -12,7 +12,7 @@ import pytest
 from r1zero_jax import cli
 from r1zero_jax.convert import hf as conv
 from r1zero_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
-from r1zero_jax.models.qwen2 import positions_from_mask
+from r1zero_jax.models.decoder import params_of, positions_from_mask
 from r1zero_jax.sharding import make_mesh
 from hf_models import hf_logits, left_padded_batch, make_hf_model
 
@@ -109,8 +109,12 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         conv.load_params(str(bad))
     cfg = json.load(open(src / "config.json"))
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unknown model_type 'gpt2'; supported: llama, qwen2"):
+        conv.load_params(str(bad))
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="only 'qwen2'"):
+    with pytest.raises(ValueError, match=r"tensors \['model.layers.0.self_attn.k_proj.bias', .*"
+                                         r"\(6 in all\) are not used by the 'llama' family"):
         conv.load_params(str(bad))
 
     tensors = _tensors(src)
@@ -157,12 +161,13 @@ def test_gcs_paths_both_ways(tmp_path, gcs_emulator):
 
 
 def test_checkpoint_saved_on_data8_restores_on_fsdp4_tensor2_with_equal_logits(tmp_path):
-    from r1zero_jax.models.qwen2 import QwenConfig, init_model
+    from r1zero_jax.models import QwenConfig
+    from r1zero_jax.models.decoder import init_model
 
     cfg = QwenConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                      num_heads=4, num_kv_heads=2)
     saved_model = init_model(cfg, make_mesh("data=8"), seed=5)
-    conv.save_params(str(tmp_path / "ckpt"), conv.model_params(saved_model), cfg)
+    conv.save_params(str(tmp_path / "ckpt"), params_of(saved_model), cfg)
     restored, _, _ = conv.load_model(str(tmp_path / "ckpt"), make_mesh("fsdp=4,tensor=2"))
     assert restored.layers[0].attn.q_kernel[...].sharding.spec == jax.sharding.PartitionSpec(
         "fsdp", "tensor", None)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from r1zero_jax.convert.hf import load_model
-from r1zero_jax.models.qwen2 import (KVCache, QwenConfig, init_model, num_params,
-                                     positions_from_mask)
+from r1zero_jax.models import QwenConfig
+from r1zero_jax.models.decoder import KVCache, init_model, num_params, positions_from_mask
 from r1zero_jax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh
 from hf_models import hf_logits, left_padded_batch, make_hf_model
 

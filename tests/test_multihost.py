@@ -21,7 +21,7 @@ WORKER_TIMEOUT_S = 240
 
 
 def _tiny_config():
-    from r1zero_jax.models.qwen2 import QwenConfig
+    from r1zero_jax.models import QwenConfig
 
     return QwenConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16)
@@ -43,7 +43,7 @@ def _sharded_forward():
     from flax import nnx
     from jax.experimental import multihost_utils
 
-    from r1zero_jax.models.qwen2 import init_model, positions_from_mask
+    from r1zero_jax.models.decoder import init_model, positions_from_mask
     from r1zero_jax.sharding import make_mesh, shard_batch
 
     mesh = make_mesh(MESH)

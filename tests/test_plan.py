@@ -6,7 +6,7 @@ import pytest
 
 from r1zero_jax import plan as plan_lib
 from r1zero_jax.config import load_config
-from r1zero_jax.models.qwen2 import QwenConfig
+from r1zero_jax.models import QwenConfig
 
 GiB = 2**30
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import torch
 
 from r1zero_jax.convert.hf import load_model
-from r1zero_jax.models.qwen2 import Qwen2
+from r1zero_jax.models.decoder import Decoder
 from r1zero_jax.sampling import categorical, filters, stop_strings
 from r1zero_jax.sampling.sampler import SamplingParams, _choose, Plan, sample
 from r1zero_jax.sharding import make_mesh
@@ -126,13 +126,13 @@ def test_n_samples_logits_and_logprobs(hf_dir, torch_model, mesh8, monkeypatch):
     tokens, mask = _prompts()
     n, m = 3, 10
     calls = []
-    original = Qwen2.hidden_states
+    original = Decoder.hidden_states
 
     def spy(self, tok, *args, **kwargs):
         calls.append(tok.shape)
         return original(self, tok, *args, **kwargs)
 
-    monkeypatch.setattr(Qwen2, "hidden_states", spy)
+    monkeypatch.setattr(Decoder, "hidden_states", spy)
     sp = SamplingParams(max_new_tokens=m, temperature=1.0, top_k=20, n=n)
     ro = sample(model, tokens, mask, sp, seed=1, mesh=mesh8, return_logits=True)
     monkeypatch.undo()

@@ -13,12 +13,14 @@ CORPUS = ["<think> one plus one is two </think> <answer> 2 </answer>",
           "Please reason step by step, put your final answer within \\boxed{}. éüß 数学"] * 20
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Qwen2 with a small byte-level BPE tokenizer (HF files, loaded offline)."""
+def _tiny_model_with_tokenizer(path, family: str, init_std: float = 0.02):
+    """A tiny random HF model of `family` with a small byte-level BPE tokenizer (HF files,
+    loaded offline); returns the torch model. A larger `init_std` gives less repetitive
+    greedy text."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -28,13 +30,26 @@ def model_dir(tmp_path_factory):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>")
-    path = tmp_path_factory.mktemp("tiny_qwen2_tok")
     tok.save_pretrained(path)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    shape = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                 initializer_range=init_std)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    else:  # Llama 3.2's shape: tied head, llama3 RoPE scaling, no biases
+        model = LlamaForCausalLM(LlamaConfig(
+            **shape, bos_token_id=None, eos_token_id=tok.eos_token_id, rope_theta=10000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))
     model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen2_tok")
+    _tiny_model_with_tokenizer(path, "qwen2")
     return str(path)
 
 
@@ -99,3 +114,49 @@ def test_generate_cli_refuses_bad_prompts_file(model_dir, tmp_path, capsys):
     assert cli.main(["generate", "--model", model_dir, "--prompts-file",
                      str(tmp_path / "none.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# Qwen2's greedy parity on both meshes is in test_sampling.py already; its CLI run is slow-only.
+@pytest.mark.parametrize("family", [pytest.param("qwen2", marks=pytest.mark.slow), "llama"])
+def test_convert_from_hf_then_greedy_generate_equals_transformers(tmp_path, family):
+    """`convert from-hf`, then `generate --temperature 0` on 1 device (a fresh process) and on
+    data=4,tensor=2: each prompt's tokens are transformers' greedy ones, up to its stop."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    hf_dir, ours = tmp_path / "hf", tmp_path / "ours"
+    torch_model = _tiny_model_with_tokenizer(hf_dir, family, init_std=0.3)
+    assert cli.main(["convert", "from-hf", str(hf_dir), str(ours)]) == 0
+    prompts = ["one plus one is", "<think> 2", "Please reason step by step, put your final"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
+                                                    for p in prompts))
+    args = ["generate", "--model", str(ours), "--prompts-file", str(tmp_path / "prompts.jsonl"),
+            "--template", "no", "--max-new-tokens", "8", "--temperature", "0", "--dtype",
+            "float32"]
+    one = tmp_path / "one.jsonl"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-m", "r1zero_jax.cli", *args, "--mesh", "data=1",
+                    "--output", str(one)], check=True, env=env, capture_output=True)
+    assert cli.main(args + ["--mesh", "data=4,tensor=2", "--output", str(tmp_path / "8.jsonl")]) == 0
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    for out in (one, tmp_path / "8.jsonl"):
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == prompts
+        for row in rows:
+            ids = tok(row["prompt"], return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                ref = torch_model.generate(ids, attention_mask=torch.ones_like(ids),
+                                           max_new_tokens=8, do_sample=False,
+                                           eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id)
+            want = ref[0, ids.shape[1]:].tolist()
+            if tok.eos_token_id in want:  # transformers pads after the stop; we end there
+                want = want[:want.index(tok.eos_token_id) + 1]
+            assert row["token_ids"] == want, (out.name, row["prompt"])

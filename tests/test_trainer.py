@@ -11,9 +11,10 @@ import pytest
 
 from r1zero_jax import sharding as shd
 from r1zero_jax.config import OptimConfig, RLConfig
-from r1zero_jax.models.qwen2 import QwenConfig, abstract_model, init_model, param_shardings
+from r1zero_jax.models import QwenConfig
+from r1zero_jax.models.decoder import abstract_model, init_model, param_shardings, params_of
 from r1zero_jax.rl.learner import (LearnBatch, Learner, init_state, jit_learner, lr_schedule,
-                                   make_binder, make_optimizer, params_of, response_logprobs)
+                                   make_binder, make_optimizer, response_logprobs)
 
 QC = QwenConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=8, rope_theta=10000.0, tie_word_embeddings=False)

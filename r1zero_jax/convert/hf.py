@@ -1,4 +1,5 @@
-"""Hugging Face Qwen2 safetensors <-> r1zero-jax params, and loading a model from either.
+"""Hugging Face safetensors <-> r1zero-jax params for every model family, and loading a model
+from either.
 
 Our checkpoint (written by `convert_from_hf`) is a directory holding `r1zero_model.json`
 (format marker + HF-style config), `params/` (Orbax), and the tokenizer / generation-config files
@@ -8,6 +9,7 @@ copied from the source.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -21,10 +23,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from r1zero_jax import paths
+from r1zero_jax import dtypes, models, paths
+from r1zero_jax import sharding as shd
 from r1zero_jax.convert.safetensors_io import FLOAT_DTYPES, SafetensorsFile, write_safetensors
-from r1zero_jax.models.qwen2 import (QwenConfig, Qwen2, abstract_model, check_mesh_fits,
-                                     model_from_params, param_shardings)
+from r1zero_jax.models import DecoderConfig, eos_ids
+from r1zero_jax.models.decoder import (abstract_model, check_mesh_fits, model_from_params,
+                                       param_shardings, params_of)
 
 MARKER = "r1zero_model.json"
 FORMAT = "r1zero-jax-params"
@@ -47,29 +51,47 @@ def _bias():
     return (lambda w, shape: w.reshape(shape), lambda w: w.reshape(-1))
 
 
-def weight_table(cfg: QwenConfig) -> list[tuple[tuple, str, Callable, Callable]]:
+def _ident():
+    return (lambda w, shape: w.reshape(shape), lambda w: w)
+
+
+_LAYOUTS = {"same": _ident, "linear": lambda: _linear(1), "linear2": lambda: _linear(2),
+            "bias": _bias}
+
+# HF names of the decoder's params, per family: (our path, HF name, layout, the config flag
+# that must be on for the row to exist). Layer rows are under `layers.{i}` / `model.layers.{i}.`.
+_LLAMA_STYLE_TOP = (
+    (("embed",), "model.embed_tokens.weight", "same", None),
+    (("final_norm", "weight"), "model.norm.weight", "same", None),
+    (("lm_head",), "lm_head.weight", "linear", "untied"),
+)
+_LLAMA_STYLE_LAYER = (
+    (("input_norm", "weight"), "input_layernorm.weight", "same", None),
+    (("post_attn_norm", "weight"), "post_attention_layernorm.weight", "same", None),
+    (("attn", "o_kernel"), "self_attn.o_proj.weight", "linear2", None),
+    (("mlp", "gate_kernel"), "mlp.gate_proj.weight", "linear", None),
+    (("mlp", "up_kernel"), "mlp.up_proj.weight", "linear", None),
+    (("mlp", "down_kernel"), "mlp.down_proj.weight", "linear", None),
+) + tuple(row for p in "qkv" for row in (
+    (("attn", f"{p}_kernel"), f"self_attn.{p}_proj.weight", "linear", None),
+    (("attn", f"{p}_bias"), f"self_attn.{p}_proj.bias", "bias", "qkv_bias"))) + (
+    (("attn", "q_norm", "weight"), "self_attn.q_norm.weight", "same", "qk_norm"),
+    (("attn", "k_norm", "weight"), "self_attn.k_norm.weight", "same", "qk_norm"),
+)
+# Qwen2, Qwen3 and Llama name their tensors alike; a family with other names adds its own.
+WEIGHT_NAMES = {family: (_LLAMA_STYLE_TOP, _LLAMA_STYLE_LAYER)
+                for family in ("qwen2", "qwen3", "llama")}
+
+
+def weight_table(cfg: DecoderConfig) -> list[tuple[tuple, str, Callable, Callable]]:
     """(our state path, HF tensor name, hf->ours, ours->hf) for every parameter."""
-    ident = (lambda w, shape: w.reshape(shape), lambda w: w)
-    rows = [(("embed",), "model.embed_tokens.weight", *ident),
-            (("final_norm", "weight"), "model.norm.weight", *ident)]
-    if not cfg.tie_word_embeddings:
-        rows.append((("lm_head",), "lm_head.weight", *_linear(1)))
+    flags = {None: True, "untied": not cfg.tie_word_embeddings, "qkv_bias": cfg.qkv_bias,
+             "qk_norm": cfg.qk_norm}
+    top, layer = WEIGHT_NAMES[cfg.model_type]
+    rows = [(path, name, *_LAYOUTS[layout]()) for path, name, layout, flag in top if flags[flag]]
     for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}."
-        lay = ("layers", i)
-        rows += [
-            (lay + ("input_norm", "weight"), pre + "input_layernorm.weight", *ident),
-            (lay + ("post_attn_norm", "weight"), pre + "post_attention_layernorm.weight", *ident),
-            (lay + ("attn", "o_kernel"), pre + "self_attn.o_proj.weight", *_linear(2)),
-            (lay + ("mlp", "gate_kernel"), pre + "mlp.gate_proj.weight", *_linear(1)),
-            (lay + ("mlp", "up_kernel"), pre + "mlp.up_proj.weight", *_linear(1)),
-            (lay + ("mlp", "down_kernel"), pre + "mlp.down_proj.weight", *_linear(1)),
-        ]
-        for p in "qkv":
-            rows += [
-                (lay + ("attn", f"{p}_kernel"), pre + f"self_attn.{p}_proj.weight", *_linear(1)),
-                (lay + ("attn", f"{p}_bias"), pre + f"self_attn.{p}_proj.bias", *_bias()),
-            ]
+        rows += [(("layers", i) + path, f"model.layers.{i}.{name}", *_LAYOUTS[layout]())
+                 for path, name, layout, flag in layer if flags[flag]]
     return rows
 
 
@@ -141,7 +163,7 @@ def _hf_tensor_files(hf_dir: str) -> dict[str, SafetensorsFile]:
     return {name: f for name in f.names()}
 
 
-def read_hf_params(hf_dir: str, config: QwenConfig, mesh: Mesh | None = None,
+def read_hf_params(hf_dir: str, config: DecoderConfig, mesh: Mesh | None = None,
                    dtype=None) -> dict:
     """HF tensors -> our params as a nested dict, tensor by tensor.
 
@@ -149,6 +171,7 @@ def read_hf_params(hf_dir: str, config: QwenConfig, mesh: Mesh | None = None,
     without, numpy arrays. `dtype` casts (None keeps the stored dtype).
     """
     files = _hf_tensor_files(hf_dir)
+    _check_no_unread_layer_tensors(hf_dir, files, config)
     abstract = nnx.state(abstract_model(config), nnx.Param).to_pure_dict()
     shardings = None
     if mesh is not None:
@@ -179,6 +202,18 @@ def read_hf_params(hf_dir: str, config: QwenConfig, mesh: Mesh | None = None,
     return out
 
 
+def _check_no_unread_layer_tensors(hf_dir: str, names, config: DecoderConfig) -> None:
+    """A layer tensor the table does not read (a bias, a norm) means the config names another
+    family or variant than the weights are: loading without it would give a wrong model."""
+    read = {name for _, name, _, _ in weight_table(config)}
+    unread = sorted(n for n in names if n.startswith("model.layers.") and n not in read
+                    and not n.endswith("rotary_emb.inv_freq"))  # old checkpoints' RoPE cache
+    if unread:
+        raise ValueError(f"{hf_dir}: tensors {unread[:3]} ({len(unread)} in all) are not used by "
+                         f"the {config.model_type!r} family's {type(config).__name__}; "
+                         "does config.json name the right model_type?")
+
+
 def _hf_shape(path, ours_shape):
     if path[-1] == "o_kernel":
         return (ours_shape[2], ours_shape[0] * ours_shape[1])
@@ -190,7 +225,7 @@ def _hf_shape(path, ours_shape):
 
 
 # -- writing ----------------------------------------------------------------------------------
-def params_to_hf_tensors(params: dict, config: QwenConfig, dtype=None) -> dict[str, np.ndarray]:
+def params_to_hf_tensors(params: dict, config: DecoderConfig, dtype=None) -> dict[str, np.ndarray]:
     """Our params (nested dict, arrays anywhere) -> {HF name: numpy array}."""
     out = {}
     for path, name, _, to_hf in weight_table(config):
@@ -200,15 +235,14 @@ def params_to_hf_tensors(params: dict, config: QwenConfig, dtype=None) -> dict[s
     return out
 
 
-def write_hf_dir(out_dir: str, params: dict, config: QwenConfig, *, dtype: str = "bfloat16",
+def write_hf_dir(out_dir: str, params: dict, config: DecoderConfig, *, dtype: str = "bfloat16",
                  base_hf_config: dict | None = None) -> None:
     """A directory that transformers' AutoModelForCausalLM.from_pretrained loads offline.
 
     `base_hf_config` (the source's config.json) keeps fields we do not model, e.g. token ids.
     """
-    np_dtype = {"bfloat16": jnp.bfloat16, "float32": np.float32}[dtype]
     os.makedirs(out_dir, exist_ok=True)
-    tensors = params_to_hf_tensors(params, config, np.dtype(np_dtype))
+    tensors = params_to_hf_tensors(params, config, dtypes.numpy_dtype(dtype))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump({**(base_hf_config or {}), **config.to_hf_dict(torch_dtype=dtype)}, f, indent=2)
     shards, current, size = [], {}, 0
@@ -246,7 +280,7 @@ def copy_side_files(src: str, dst: str) -> list[str]:
 
 
 # -- our checkpoint ---------------------------------------------------------------------------
-def write_marker(directory: str, config: QwenConfig, hf_config: dict | None = None) -> None:
+def write_marker(directory: str, config: DecoderConfig, hf_config: dict | None = None) -> None:
     """Mark an Orbax checkpoint directory as holding this model's params (under `params`).
 
     The trainer writes it into its checkpoint directory too, so a run's checkpoints load with
@@ -258,7 +292,7 @@ def write_marker(directory: str, config: QwenConfig, hf_config: dict | None = No
         indent=2))
 
 
-def save_params(out_dir: str, params: dict, config: QwenConfig,
+def save_params(out_dir: str, params: dict, config: DecoderConfig,
                 hf_config: dict | None = None) -> None:
     """Write our params checkpoint: one Orbax step (0) holding {"params"} plus the marker."""
     from r1zero_jax.checkpoint import Checkpointer
@@ -269,22 +303,6 @@ def save_params(out_dir: str, params: dict, config: QwenConfig,
         ckpt.save(0, {"params": params}, {"format": FORMAT}, force=True)
         ckpt.wait()
     write_marker(out_dir, config, hf_config)
-
-
-def restore_params(ckpt_dir: str, config: QwenConfig, mesh: Mesh | None = None,
-                   dtype=None) -> dict:
-    """Params of our checkpoint (latest step) as a nested dict; sharded on `mesh` when given
-    (then in `dtype`, float32 by default; without a mesh, numpy arrays as saved)."""
-    from r1zero_jax import checkpoint
-
-    abstract = None
-    if mesh is not None:
-        check_mesh_fits(config, mesh)
-        model = abstract_model(config, param_dtype=dtype or jnp.float32)
-        shardings = param_shardings(model, mesh).to_pure_dict()
-        abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                                nnx.state(model, nnx.Param).to_pure_dict(), shardings)
-    return checkpoint.restore_params(ckpt_dir, abstract)
 
 
 def read_hf_config_dict(path: str) -> dict:
@@ -305,15 +323,27 @@ def read_hf_config_dict(path: str) -> dict:
     return d
 
 
-def read_config(path: str) -> QwenConfig:
-    return QwenConfig.from_hf_dict(read_hf_config_dict(path))
+def read_config(path: str) -> DecoderConfig:
+    """The family config of an HF directory or our checkpoint. Its eos ids are those of
+    config.json and of generation_config.json beside it (the ids generation stops on)."""
+    config = models.config_from_hf(read_hf_config_dict(path))
+    fn = paths.join(_ckpt_root(path) if is_our_checkpoint(path) else path,
+                    "generation_config.json")
+    if not paths.exists(fn):
+        return config
+    try:
+        generation = json.loads(paths.read_text(fn))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{fn} is not valid JSON: {e}") from None
+    ids = config.eos_token_ids + eos_ids(generation.get("eos_token_id"))
+    return dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(ids)))
 
 
 # -- the two conversions and loading ----------------------------------------------------------
 def convert_from_hf(hf_dir: str, out: str) -> None:
     with _local_dir(hf_dir) as local:
         hf_config = read_hf_config_dict(local)
-        config = QwenConfig.from_hf_dict(hf_config)
+        config = read_config(local)
         params = read_hf_params(local, config)
         save_params(out, params, config, hf_config)
         copy_side_files(local, out)
@@ -323,9 +353,11 @@ def convert_from_hf(hf_dir: str, out: str) -> None:
 def convert_to_hf(ckpt: str, out: str, dtype: str = "bfloat16") -> None:
     if not is_our_checkpoint(ckpt):
         raise ValueError(f"{ckpt} is not an r1zero-jax checkpoint (no {MARKER})")
+    from r1zero_jax.checkpoint import restore_params
+
     hf_config = read_hf_config_dict(ckpt)
-    config = QwenConfig.from_hf_dict(hf_config)
-    params = restore_params(ckpt, config)
+    config = read_config(ckpt)
+    params = restore_params(ckpt)
     with tempfile.TemporaryDirectory(prefix="r1zero-") as tmp:
         local = tmp if paths.is_gcs(out) else out
         write_hf_dir(local, params, config, dtype=dtype, base_hf_config=hf_config)
@@ -335,13 +367,20 @@ def convert_to_hf(ckpt: str, out: str, dtype: str = "bfloat16") -> None:
     print(f"wrote {out} ({dtype})")
 
 
-def load_params(path: str, mesh: Mesh | None = None, dtype=None) -> tuple[dict, QwenConfig]:
+def load_params(path: str, mesh: Mesh | None = None, dtype=None) -> tuple[dict, DecoderConfig]:
     """Params (nested dict) and config from an HF directory or our checkpoint (local or gs://)."""
     if not paths.isdir(path):
         raise FileNotFoundError(f"model path {path} does not exist")
     if is_our_checkpoint(path):
+        from r1zero_jax.checkpoint import restore_params
+
         config = read_config(path)
-        params = restore_params(path, config, mesh, dtype)
+        abstract = None  # numpy arrays as saved
+        if mesh is not None:  # straight into their shards, in `dtype` (float32 by default)
+            check_mesh_fits(config, mesh)
+            model = abstract_model(config, param_dtype=dtype or jnp.float32)
+            abstract = shd.abstract(params_of(model), param_shardings(model, mesh).to_pure_dict())
+        params = restore_params(path, abstract)
         if dtype is not None and mesh is None:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
         return params, config
@@ -369,6 +408,3 @@ def load_tokenizer(path: str):
     with _local_dir(root) as local:
         return AutoTokenizer.from_pretrained(local)
 
-
-def model_params(model: Qwen2) -> dict:
-    return nnx.state(model, nnx.Param).to_pure_dict()

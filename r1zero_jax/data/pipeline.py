@@ -44,11 +44,11 @@ class PipelineConfig:
 
 
 def make_encoder(tokenizer: Any) -> Encoder:
-    """Batch encoder without special tokens, for a Hugging Face tokenizer (called on a list of
-    texts) or any object with `encode(text) -> list[int]`."""
+    """Batch encoder for a Hugging Face tokenizer (called on a list of texts) or any object with
+    `encode(text) -> list[int]`. The tokenizer adds its own special tokens, as transformers and
+    vLLM do: Llama 3's prepends <|begin_of_text|>, Qwen's adds none."""
     if callable(tokenizer) and hasattr(tokenizer, "convert_tokens_to_ids"):
-        return lambda texts: [list(ids) for ids in
-                              tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return lambda texts: [list(ids) for ids in tokenizer(texts)["input_ids"]]
     if hasattr(tokenizer, "encode"):
         return lambda texts: [list(tokenizer.encode(t)) for t in texts]
     raise TypeError(f"{type(tokenizer).__name__} is not a tokenizer: it has no encode(text)")

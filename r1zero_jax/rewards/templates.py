@@ -16,8 +16,10 @@ TEMPLATES = {
     "no": "{question}",
 }
 
-# The r1 template's answer ends at this string; the sampler stops after it (kept in the output).
-STOP_STRINGS = {"qwen_math": (), "r1": ("</answer>",), "no": ()}
+# Where a response under each template ends; the sampler stops after it (kept in the output).
+# qwen_math is a ChatML prompt: the turn ends with <|im_end|>, a special token wherever the
+# tokenizer has one (then a stop id), which base models' generation configs do not list.
+STOP_STRINGS = {"qwen_math": ("<|im_end|>",), "r1": ("</answer>",), "no": ()}
 
 
 def check_template(name: str) -> str:

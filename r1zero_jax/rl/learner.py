@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 
 from r1zero_jax import sharding as shd
 from r1zero_jax.config import OptimConfig, RLConfig
-from r1zero_jax.models.qwen2 import Qwen2, QwenConfig, abstract_model, positions_from_mask
+from r1zero_jax.models import DecoderConfig
+from r1zero_jax.models.decoder import Decoder, abstract_model, positions_from_mask
 from r1zero_jax.rl import losses
 
 
@@ -45,13 +46,13 @@ class LearnBatch:
     ref_logp: jax.Array | None = None  # float32 [A, M, Tn] when kl_beta > 0
 
 
-def make_binder(config: QwenConfig, *, dtype, param_dtype=jnp.float32,
-                remat: bool = False) -> Callable[[dict], Qwen2]:
-    """params (nested dict) -> Qwen2 module wrapping them (no copy; usable inside jit)."""
+def make_binder(config: DecoderConfig, *, dtype, param_dtype=jnp.float32,
+                remat: bool = False) -> Callable[[dict], Decoder]:
+    """params (nested dict) -> the model wrapping them (no copy; usable inside jit)."""
     graphdef, abstract = nnx.split(abstract_model(config, dtype=dtype, param_dtype=param_dtype,
                                                   remat=remat))
 
-    def bind(params: dict) -> Qwen2:
+    def bind(params: dict) -> Decoder:
         state = jax.tree.map(lambda x: x, abstract)
         state.replace_by_pure_dict(params)
         return nnx.merge(graphdef, state)
@@ -59,11 +60,7 @@ def make_binder(config: QwenConfig, *, dtype, param_dtype=jnp.float32,
     return bind
 
 
-def params_of(model: Qwen2) -> dict:
-    return nnx.state(model, nnx.Param).to_pure_dict()
-
-
-def response_logprobs(model: Qwen2, tokens, input_mask, num_new: int, *, temperature: float = 1.0,
+def response_logprobs(model: Decoder, tokens, input_mask, num_new: int, *, temperature: float = 1.0,
                       chunk: int = 0):
     """Log-probs and entropies [B, Tn] of the last `num_new` tokens under `model`.
 
@@ -147,7 +144,7 @@ def abstract_state(state: TrainState):
 class Learner:
     """Jitted learner functions for one model, loss and optimizer on one mesh."""
 
-    bind: Callable[[dict], Qwen2]
+    bind: Callable[[dict], Decoder]
     rl: RLConfig
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -156,7 +153,7 @@ class Learner:
     logits_chunk: int = 0
 
     @classmethod
-    def from_config(cls, cfg, qconfig: QwenConfig) -> "Learner":
+    def from_config(cls, cfg, qconfig: DecoderConfig) -> "Learner":
         """The learner of a RunConfig (the trainer's, and the one `plan --compile` compiles)."""
         m = cfg.model
         return cls(bind=make_binder(qconfig, dtype=jnp.dtype(m.dtype),

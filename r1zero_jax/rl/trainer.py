@@ -20,21 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1zero_jax import paths
+from r1zero_jax import dtypes, paths
 from r1zero_jax import sharding as shd
 from r1zero_jax import tasks
 from r1zero_jax.config import RunConfig, to_dict, validate
 from r1zero_jax.data.pipeline import PipelineConfig, PromptPipeline
 from r1zero_jax.data.sources import load_rows
 from r1zero_jax.rl import losses
+from r1zero_jax.models.decoder import params_of
 from r1zero_jax.rl.learner import (LearnBatch, Learner, TrainState, abstract_state, init_state,
-                                   jit_learner, params_of)
+                                   jit_learner)
 from r1zero_jax.rl.metrics import RunLogger, plot_curves, rollout_metrics
 from r1zero_jax.run_lock import RunLock
 from r1zero_jax.sampling.generation import generate, sampling_params
 from r1zero_jax.sampling.sampler import Rollout
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # May change when a run is resumed; anything else needs --allow-config-change.
 RESUMABLE_CHANGES = ("name", "train.steps", "log", "eval.every", "checkpoint")
 
@@ -44,26 +44,18 @@ RESUMABLE_CHANGES = ("name", "train.steps", "log", "eval.every", "checkpoint")
 
 
 def build_model(cfg: RunConfig, mesh, tokenizer=None):
-    """(QwenConfig, fp32 master params dict, tokenizer): from `model.path`, or random init."""
-    from r1zero_jax.models.qwen2 import QwenConfig, init_model
+    """(model config, fp32 master params dict, tokenizer): from `model.path`, or random init."""
+    from r1zero_jax.models import config_from_run
+    from r1zero_jax.models.decoder import init_model
 
     m = cfg.model
-    dtype, param_dtype = _DTYPES[m.dtype], _DTYPES[m.param_dtype]
+    dtype, param_dtype = dtypes.numpy_dtype(m.dtype), dtypes.numpy_dtype(m.param_dtype)
     if m.path:
         from r1zero_jax.convert.hf import load_model
 
         model, qc, tok = load_model(m.path, mesh, dtype=dtype, param_dtype=param_dtype)
         return qc, params_of(model), tokenizer or tok
-    if m.preset == "custom":
-        vocab = m.vocab_size or -(-len(tokenizer) // 64) * 64
-        qc = QwenConfig(vocab_size=vocab, hidden_size=m.hidden_size,
-                        intermediate_size=m.intermediate_size, num_layers=m.num_layers,
-                        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-                        rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps,
-                        tie_word_embeddings=m.tie_word_embeddings,
-                        max_position_embeddings=m.max_position_embeddings)
-    else:
-        qc = QwenConfig.preset(m.preset)
+    qc = config_from_run(m, None if tokenizer is None else len(tokenizer))
     if tokenizer is not None and len(tokenizer) > qc.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than model.vocab_size="
                          f"{qc.vocab_size}")

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from r1zero_jax import sharding as shd
-from r1zero_jax.models.qwen2 import positions_from_mask
+from r1zero_jax.models.decoder import positions_from_mask
 from r1zero_jax.rl.learner import init_state
 
 

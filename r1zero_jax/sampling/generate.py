@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from r1zero_jax import jsonl
+from r1zero_jax import dtypes, jsonl
 from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template, check_template
 
 CHUNK_PROMPTS = 64  # prompts per sample() call: one compiled shape, bounded memory
@@ -38,7 +38,6 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
                  ignore_eos: bool = False, mesh: str = "data=-1", dtype: str = "bfloat16",
                  output: str | None = None) -> None:
     import jax
-    import jax.numpy as jnp
 
     from r1zero_jax.convert.hf import load_model
     from r1zero_jax.data.pipeline import make_encoder
@@ -50,11 +49,10 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, n=n, stop_strings=STOP_STRINGS[template],
                             ignore_eos=ignore_eos)
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    dtypes.check(dtype, "--dtype")
     the_mesh = make_mesh(mesh)
-    net, config, tokenizer = load_model(model, the_mesh, dtype=jnp.dtype(dtype),
-                                        param_dtype=jnp.dtype(dtype))
+    net, config, tokenizer = load_model(model, the_mesh, dtype=dtypes.numpy_dtype(dtype),
+                                        param_dtype=dtypes.numpy_dtype(dtype))
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files (tokenizer.json or vocab.json)")
     prompt_ids = make_encoder(tokenizer)(texts)

@@ -17,9 +17,11 @@ M = max_new_tokens, S = Tp + M cache slots, V vocab.
   distribution BEFORE top-k/top-p filtering (what a learner computing log pi(a|s) from logits /
   temperature reproduces; at temperature 1 it is the model's own log-prob). Greedy (temperature
   0) reports log_softmax(logits), the unscaled model.
-- Stops: a row is done after a stop token id (EOS, <|im_end|>: included in tokens and mask) or
-  after the token that completes a stop string (matched in the loop on token bytes, see
-  stop_strings.py; the token is kept). `Rollout.texts` are cut right after the stop string,
+- Stops: a row is done after a stop token id (included in tokens and mask) or after the token
+  that completes a stop string (matched in the loop on token bytes, see stop_strings.py; the
+  token is kept). Stop ids are the caller's, the checkpoint's end-of-sequence ids (config.json
+  and generation_config.json, `model.config.eos_token_ids`), the tokenizer's EOS, and the ids of
+  stop strings that name a special token (a chat template's end of turn, e.g. <|im_end|>). `Rollout.texts` are cut right after the stop string,
   which stays in the text; a token may carry characters past it that only the text drops.
 """
 
@@ -38,13 +40,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from r1zero_jax import sharding as shd
-from r1zero_jax.models.qwen2 import KVCache, positions_from_mask
+from r1zero_jax.models.decoder import KVCache, positions_from_mask
 from r1zero_jax.sampling import categorical, filters, vocab_parallel
 from r1zero_jax.sampling import stop_strings as stops
 
 MIN_PROMPT_WIDTH = 8  # see prompt_width
 PREFILL_CHUNK = 256  # longer prompts are prefilled this many tokens at a time (bounded scores)
-EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +290,7 @@ def serving_state(state, mesh: Mesh, dtype):
     compiling ahead of time): floating params in the compute dtype (the model casts each weight to
     it on use, so samples are unchanged), laid out by sharding.SERVING_RULES. One cast and
     reshard per sampler call, instead of [rows, F] partial sums on every decode step."""
-    from r1zero_jax.models.qwen2 import state_shardings
+    from r1zero_jax.models.decoder import state_shardings
 
     shardings = state_shardings(state, mesh, shd.SERVING_RULES).to_pure_dict()
 
@@ -313,14 +314,24 @@ def prompt_width(longest: int) -> int:
     return max(MIN_PROMPT_WIDTH, 1 << max(longest - 1, 0).bit_length())
 
 
-def default_stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS and Qwen's end-of-turn tokens (<|im_end|>, <|endoftext|>)."""
-    ids = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    ids.update(int(vocab[t]) for t in EOS_TOKENS if t in vocab)
-    return tuple(sorted(ids))
+def stops_of(config, tokenizer, params: SamplingParams) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(stop ids, stop strings matched on text) of a call; see the module docstring. A stop
+    string naming a special token becomes that token's id: decoded text never holds one."""
+    if params.ignore_eos:
+        return (), ()
+    ids = set(params.stop_token_ids) | set(config.eos_token_ids)
+    texts = params.stop_strings
+    if tokenizer is not None:
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        vocab = tokenizer.get_vocab() if texts else {}
+        special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        special.update(i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                       if getattr(t, "special", False))
+        named = {s: vocab[s] for s in texts if vocab.get(s) in special}
+        ids.update(named.values())
+        texts = tuple(s for s in texts if s not in named)
+    return tuple(sorted(ids)), texts
 
 
 def _check_prompts(tokens: np.ndarray, mask: np.ndarray, vocab_size: int) -> None:
@@ -346,7 +357,7 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
            tokenizer=None, return_logits: bool = False) -> Rollout:
     """Sample `params.n` completions for each left-padded prompt.
 
-    model: a Qwen2 whose params are on `mesh`; prompt_tokens int32 [B, Tp], prompt_mask bool
+    model: a decoder (models/decoder.py) whose params are on `mesh`; prompt_tokens int32 [B, Tp], prompt_mask bool
     [B, Tp] (left-padded); seed: int or a jax PRNG key; tokenizer: adds its EOS ids to the stop
     ids, is required for stop strings, and fills `Rollout.texts`. return_logits keeps every
     step's raw logits (debugging and tests: R*M*V floats).
@@ -356,13 +367,9 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     config = model.config
     _check_prompts(tokens, mask, config.vocab_size)
     tokens = np.where(mask, tokens, 0)  # pad ids may lie outside the vocabulary
-    stop_ids, stop_strs = (), ()
-    if not params.ignore_eos:
-        stop_ids = params.stop_token_ids + (default_stop_token_ids(tokenizer) if tokenizer else ())
-        stop_ids = tuple(sorted(set(stop_ids)))
-        stop_strs = params.stop_strings
-        if stop_strs and tokenizer is None:
-            raise ValueError(f"stop_strings {stop_strs} need a tokenizer")
+    stop_ids, stop_strs = stops_of(config, tokenizer, params)
+    if stop_strs and tokenizer is None:
+        raise ValueError(f"stop_strings {stop_strs} need a tokenizer")
     if any(not 0 <= t < config.vocab_size for t in stop_ids):
         raise ValueError(f"stop_token_ids {stop_ids} must be in [0, {config.vocab_size})")
 

@@ -1,4 +1,8 @@
-"""Qwen2 / Qwen2.5 decoder in Flax NNX, with a KV cache for the sampler.
+"""The one decoder every model family runs (Flax NNX), with a KV cache for the sampler.
+
+Pre-norm blocks of grouped-query attention with RoPE and a SwiGLU MLP, RMSNorm; the family's
+config (models/family.py) picks the variant: q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3),
+Llama 3's RoPE scaling, a tied LM head.
 
 Shapes: B batch, T query length, S cache slots, D embed, N query heads, K kv heads, G = N // K,
 H head dim, F mlp, V vocab, L layers. Every parameter carries `logical` axis names that
@@ -10,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import flax.struct
 import jax
@@ -19,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from r1zero_jax import sharding as shd
+from r1zero_jax.models.family import DecoderConfig, RopeScaling
 
 _NEG_INF = -1e30  # finite, so a fully masked (left-pad) query row gives no NaN
 
@@ -31,150 +35,6 @@ def _pin(x, axes):
     residual stream shards its features over fsdp like the weights, and only activations move.
     """
     return shd.constrain(x, axes[x.shape[1] == 1])
-
-
-@dataclasses.dataclass(frozen=True)
-class QwenConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int | None = None  # hidden_size // num_heads when None
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
-
-    def __post_init__(self):
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads"):
-            if int(getattr(self, f)) <= 0:
-                raise ValueError(f"QwenConfig.{f} must be positive, got {getattr(self, f)}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
-                                 f"num_heads={self.num_heads}; give head_dim")
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-
-    # -- presets (published config.json values) --------------------------------------------
-    @classmethod
-    def _qwen(cls, hidden, inter, layers, heads, kv, tie, vocab=151936, eps=1e-6, theta=1e6,
-              max_pos=32768):
-        return cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                   num_heads=heads, num_kv_heads=kv, rope_theta=theta, rms_norm_eps=eps,
-                   tie_word_embeddings=tie, max_position_embeddings=max_pos)
-
-    @classmethod
-    def qwen2_5_0_5b(cls):
-        return cls._qwen(896, 4864, 24, 14, 2, True)
-
-    @classmethod
-    def qwen2_5_1_5b(cls):
-        return cls._qwen(1536, 8960, 28, 12, 2, True, max_pos=131072)
-
-    @classmethod
-    def qwen2_5_3b(cls):
-        return cls._qwen(2048, 11008, 36, 16, 2, True)
-
-    @classmethod
-    def qwen2_5_7b(cls):
-        return cls._qwen(3584, 18944, 28, 28, 4, False, vocab=152064, max_pos=131072)
-
-    @classmethod
-    def qwen2_5_14b(cls):
-        return cls._qwen(5120, 13824, 48, 40, 8, False, vocab=152064, eps=1e-5, max_pos=131072)
-
-    @classmethod
-    def qwen2_5_32b(cls):
-        return cls._qwen(5120, 27648, 64, 40, 8, False, vocab=152064, eps=1e-5, max_pos=131072)
-
-    @classmethod
-    def qwen2_5_72b(cls):
-        return cls._qwen(8192, 29568, 80, 64, 8, False, vocab=152064, eps=1e-5, max_pos=131072)
-
-    @classmethod
-    def qwen2_5_math_1_5b(cls):
-        return cls._qwen(1536, 8960, 28, 12, 2, True, theta=10000.0, max_pos=4096)
-
-    @classmethod
-    def qwen2_5_math_7b(cls):
-        return cls._qwen(3584, 18944, 28, 28, 4, False, vocab=152064, theta=10000.0, max_pos=4096)
-
-    @classmethod
-    def preset(cls, name: str) -> "QwenConfig":
-        """By HF-style name ('qwen2.5-math-1.5b') or method name ('qwen2_5_math_1_5b')."""
-        method = PRESETS.get(name.lower(), name)
-        if method not in PRESETS.values():
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} "
-                             f"(or {sorted(PRESETS.values())})")
-        return getattr(cls, method)()
-
-    # -- Hugging Face config.json ----------------------------------------------------------
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "QwenConfig":
-        if d.get("model_type") != "qwen2":
-            raise ValueError(f"model_type is {d.get('model_type')!r}; only 'qwen2' (Qwen2/Qwen2.5) "
-                             "is supported")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"rope scaling {rope!r} is not supported (only the default RoPE)")
-        theta = d.get("rope_theta", rope.get("rope_theta"))
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if k not in d]
-        if theta is None:
-            missing.append("rope_theta (or rope_parameters.rope_theta)")
-        if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}")
-        return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
-            num_heads=int(d["num_attention_heads"]),
-            num_kv_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
-            head_dim=d.get("head_dim"),
-            rope_theta=float(theta),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-        )
-
-    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
-        return {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,  # transformers 4.x reads this, 5.x the next
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_dropout": 0.0,
-            "use_sliding_window": False,
-            "use_cache": True,
-            "torch_dtype": torch_dtype,
-            "dtype": torch_dtype,
-        }
-
-
-PRESETS = {
-    "qwen2.5-0.5b": "qwen2_5_0_5b", "qwen2.5-1.5b": "qwen2_5_1_5b", "qwen2.5-3b": "qwen2_5_3b",
-    "qwen2.5-7b": "qwen2_5_7b", "qwen2.5-14b": "qwen2_5_14b", "qwen2.5-32b": "qwen2_5_32b",
-    "qwen2.5-72b": "qwen2_5_72b", "qwen2.5-math-1.5b": "qwen2_5_math_1_5b",
-    "qwen2.5-math-7b": "qwen2_5_math_7b",
-}
 
 
 # (T > 1, decode step) logical axes of the activations that `_pin` fixes
@@ -206,7 +66,7 @@ class KVCache:
     V_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 
     @classmethod
-    def init(cls, config: QwenConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def init(cls, config: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
         k, h, layers = config.num_kv_heads, config.head_dim, range(config.num_layers)
         return cls(k=tuple(jnp.zeros((batch, k, h, max_len), dtype) for _ in layers),
                    v=tuple(jnp.zeros((batch, k, max_len, h), dtype) for _ in layers),
@@ -250,10 +110,25 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(dtype) * x.astype(dtype)
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding, half-split layout (HF `rotate_half`). x: [B,T,*,H], positions [B,T]."""
-    h = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None):
+    """float32 [H/2] inverse frequencies; with Llama 3 scaling, long wavelengths are divided
+    by `factor` and the band between the two thresholds is interpolated (as HF computes them)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    s = scaling
+    wavelen = 2 * math.pi / inv_freq
+    old = s.original_max_position_embeddings
+    scaled = jnp.where(wavelen > old / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= old / s.high_freq_factor) & (wavelen <= old / s.low_freq_factor)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x, positions, inv_freq):
+    """Rotary embedding, half-split layout (HF `rotate_half`). x: [B,T,*,H], positions [B,T],
+    inv_freq [H/2] from `rope_frequencies`."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B,T,1,H]
     x32 = x.astype(jnp.float32)
@@ -263,18 +138,24 @@ def rope(x, positions, theta: float):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: QwenConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         w = nnx.initializers.normal(0.02)
         z = nnx.initializers.zeros
         self.cfg, self.dtype = cfg, dtype
         self.q_kernel = _param(rngs, w, (d, n, h), param_dtype, ("embed", "heads", "head_dim"))
-        self.q_bias = _param(rngs, z, (n, h), param_dtype, ("heads", "head_dim"))
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, z, (n, h), param_dtype, ("heads", "head_dim"))
         self.k_kernel = _param(rngs, w, (d, k, h), param_dtype, ("embed", "kv_heads", "head_dim"))
-        self.k_bias = _param(rngs, z, (k, h), param_dtype, ("kv_heads", "head_dim"))
+        if cfg.qkv_bias:
+            self.k_bias = _param(rngs, z, (k, h), param_dtype, ("kv_heads", "head_dim"))
         self.v_kernel = _param(rngs, w, (d, k, h), param_dtype, ("embed", "kv_heads", "head_dim"))
-        self.v_bias = _param(rngs, z, (k, h), param_dtype, ("kv_heads", "head_dim"))
+        if cfg.qkv_bias:
+            self.v_bias = _param(rngs, z, (k, h), param_dtype, ("kv_heads", "head_dim"))
         self.o_kernel = _param(rngs, w, (n, h, d), param_dtype, ("heads", "head_dim", "embed"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, key_valid, key_slot, query_slot, kv=None, index=None):
         """x [B,T,D]; key_valid [B,S]; key_slot [S]; query_slot [T].
@@ -284,10 +165,16 @@ class Attention(nnx.Module):
         """
         cfg, dt = self.cfg, self.dtype
         p = lambda v: v[...].astype(dt)  # noqa: E731
-        q = _pin(jnp.einsum("BTD,DNH->BTNH", x, p(self.q_kernel)) + p(self.q_bias), _Q_AXES)
-        k = _pin(jnp.einsum("BTD,DKH->BTKH", x, p(self.k_kernel)) + p(self.k_bias), _KV_AXES)
-        v = _pin(jnp.einsum("BTD,DKH->BTKH", x, p(self.v_kernel)) + p(self.v_bias), _KV_AXES)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        q = jnp.einsum("BTD,DNH->BTNH", x, p(self.q_kernel))
+        k = jnp.einsum("BTD,DKH->BTKH", x, p(self.k_kernel))
+        v = jnp.einsum("BTD,DKH->BTKH", x, p(self.v_kernel))
+        if cfg.qkv_bias:
+            q, k, v = q + p(self.q_bias), k + p(self.k_bias), v + p(self.v_bias)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = _pin(q, _Q_AXES), _pin(k, _KV_AXES), _pin(v, _KV_AXES)
+        inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
         k_spec = v_spec = "BSKH"
         if kv is not None:
             cache_k, cache_v = kv
@@ -318,7 +205,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: QwenConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         w = nnx.initializers.normal(0.02)
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.dtype = dtype
@@ -335,7 +222,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: QwenConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.attn = Attention(cfg, dtype=dtype, **kw)
@@ -348,10 +235,11 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attn_norm(x)), kv
 
 
-class Qwen2(nnx.Module):
-    """Qwen2ForCausalLM. `dtype` is the compute dtype, `param_dtype` the storage dtype."""
+class Decoder(nnx.Module):
+    """A causal LM of any family (its `config`): what the sampler and the learner call.
+    `dtype` is the compute dtype, `param_dtype` the storage dtype."""
 
-    def __init__(self, config: QwenConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+    def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: bool = False, rngs: nnx.Rngs):
         self.config, self.dtype, self.remat = config, dtype, remat
         self.embed = _param(rngs, nnx.initializers.normal(0.02),
@@ -434,7 +322,7 @@ def state_shardings(state, mesh: Mesh, rules: dict | None = None):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def check_mesh_fits(config: QwenConfig, mesh: Mesh) -> None:
+def check_mesh_fits(config: DecoderConfig, mesh: Mesh) -> None:
     """Refuse, before anything compiles, a mesh that cannot shard this model."""
     shd.check_divisible(mesh, {"heads": config.num_heads, "kv_heads": config.num_kv_heads,
                                "vocab": config.vocab_size, "mlp": config.intermediate_size,
@@ -443,14 +331,14 @@ def check_mesh_fits(config: QwenConfig, mesh: Mesh) -> None:
                         shd.SERVING_RULES)
 
 
-def abstract_model(config: QwenConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                   remat: bool = False) -> Qwen2:
+def abstract_model(config: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   remat: bool = False) -> Decoder:
     """The model with jax.ShapeDtypeStruct leaves: no memory is allocated."""
-    return nnx.eval_shape(lambda: Qwen2(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                        rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype,
+                                          remat=remat, rngs=nnx.Rngs(0)))
 
 
-def num_params(config: QwenConfig) -> int:
+def num_params(config: DecoderConfig) -> int:
     """Parameter count from abstract shapes. Layers are identical, so a 1- and a 2-layer model
     give the per-layer count; building 80 abstract layers of a 72B model would take seconds."""
     def count(layers):
@@ -461,14 +349,14 @@ def num_params(config: QwenConfig) -> int:
     return one + (config.num_layers - 1) * (count(2) - one)
 
 
-def param_shardings(model: Qwen2, mesh: Mesh, rules: dict | None = None):
+def param_shardings(model: Decoder, mesh: Mesh, rules: dict | None = None):
     """NamedShardings (an nnx.State) for the model's params, from the LOGICAL_RULES table (or
     `rules`, e.g. sharding.SERVING_RULES)."""
     return state_shardings(nnx.state(model, nnx.Param), mesh, rules)
 
 
-def init_model(config: QwenConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: bool = False, seed: int = 0) -> Qwen2:
+def init_model(config: DecoderConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               remat: bool = False, seed: int = 0) -> Decoder:
     """Random init, each param created directly in its shards (no full copy on any host)."""
     check_mesh_fits(config, mesh)
     abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
@@ -476,7 +364,7 @@ def init_model(config: QwenConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype
     shardings = state_shardings(abs_state, mesh)
 
     def make():
-        model = Qwen2(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
+        model = Decoder(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
                       rngs=nnx.Rngs(seed))
         return jax.lax.with_sharding_constraint(nnx.state(model), shardings)
 
@@ -484,9 +372,14 @@ def init_model(config: QwenConfig, mesh: Mesh, *, dtype=jnp.float32, param_dtype
     return nnx.merge(graphdef, make())
 
 
-def model_from_params(config: QwenConfig, params, *, dtype=jnp.float32, remat: bool = False):
+def model_from_params(config: DecoderConfig, params, *, dtype=jnp.float32, remat: bool = False):
     """A model around an existing params State (already placed on devices)."""
     param_dtype = jax.tree.leaves(params)[0].dtype
     graphdef, _ = nnx.split(abstract_model(config, dtype=dtype, param_dtype=param_dtype,
                                            remat=remat))
     return nnx.merge(graphdef, params)
+
+
+def params_of(model: Decoder) -> dict:
+    """The model's params as a nested dict of arrays (no copy)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
