@@ -37,8 +37,6 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
                  top_p: float = 1.0, top_k: int = 0, n: int = 1, seed: int = 0,
                  ignore_eos: bool = False, mesh: str = "data=-1", dtype: str = "bfloat16",
                  output: str | None = None) -> None:
-    import jax
-
     from r1zero_jax.convert.hf import load_model
     from r1zero_jax.data.pipeline import make_encoder
     from r1zero_jax.sampling.generation import generate
