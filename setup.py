@@ -3,7 +3,8 @@ from setuptools import find_packages, setup
 setup(
     name="r1zero-jax",
     version="0.1.0",
-    description="R1-Zero-style RL (Dr. GRPO) for Qwen2.5 math models in JAX, from a CPU mesh to TPU pods",
+    description="R1-Zero-style RL (Dr. GRPO) for Qwen2.5 math models in JAX, "
+                "from a CPU mesh to TPU pods",
     packages=find_packages(include=["r1zero_jax", "r1zero_jax.*"]),
     python_requires=">=3.10",
     install_requires=[

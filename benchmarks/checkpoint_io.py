@@ -102,7 +102,8 @@ def orbax_round(root: str, params: dict, mesh: Mesh, step: int) -> dict[str, flo
         jax.block_until_ready(restored)
         t_restore = time.perf_counter() - t0
     for name in ("embed", "layer23.down", "final_norm"):  # spot check: bits survive
-        np.testing.assert_array_equal(np.asarray(restored["params"][name]), np.asarray(params[name]))
+        np.testing.assert_array_equal(np.asarray(restored["params"][name]),
+                                      np.asarray(params[name]))
     return {"save_blocking_s": t_blocking, "save_s": t_save, "restore_s": t_restore}
 
 
@@ -142,7 +143,8 @@ def main() -> None:
             rows.append(row)
             done = time.perf_counter() - started
             print(f"[{r + 1}/{args.repeats}] save {mb / row['save_s']:,.0f} MB/s "
-                  f"(blocking {row['save_blocking_s']:.2f} s), restore {mb / row['restore_s']:,.0f} MB/s; "
+                  f"(blocking {row['save_blocking_s']:.2f} s), "
+                  f"restore {mb / row['restore_s']:,.0f} MB/s; "
                   f"raw write {mb / t_w:,.0f} MB/s, raw read {mb / t_r:,.0f} MB/s; "
                   f"ETA {done / (r + 1) * (args.repeats - r - 1):.0f} s", flush=True)
             paths.remove(paths.join(base, f"orbax{r}"), recursive=True)
@@ -151,8 +153,10 @@ def main() -> None:
             emulator.__exit__(None, None, None)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     result = {"target": args.target, "dtype": args.dtype, "MB": round(mb), "repeats": args.repeats,
-              "save_MBps": round(mb / med["save_s"]), "save_blocking_s": round(med["save_blocking_s"], 2),
-              "restore_MBps": round(mb / med["restore_s"]), "raw_write_MBps": round(mb / med["raw_write_s"]),
+              "save_MBps": round(mb / med["save_s"]),
+              "save_blocking_s": round(med["save_blocking_s"], 2),
+              "restore_MBps": round(mb / med["restore_s"]),
+              "raw_write_MBps": round(mb / med["raw_write_s"]),
               "raw_read_MBps": round(mb / med["raw_read_s"])}
     print(json.dumps(result))
     if args.json:

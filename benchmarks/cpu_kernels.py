@@ -77,7 +77,8 @@ def attention_read():
             return q
         return jax.lax.fori_loop(0, 10, step, q)
 
-    total = jax.jit(lambda ks, vs: sum(jnp.sum(k) + jnp.sum(v) for k, v in zip(ks, vs, strict=False)))
+    total = jax.jit(lambda ks, vs: sum(jnp.sum(k) + jnp.sum(v)
+                                       for k, v in zip(ks, vs, strict=False)))
     return (_best(lambda: attend(q0, ks, vs).block_until_ready()) / 10,
             _best(lambda: total(ks, vs).block_until_ready()))
 

@@ -38,8 +38,10 @@ def build_mix(data: str) -> tuple[list[tuple[str, object, str]], list[tuple[str,
     with open(os.path.join(data, "math500_gold_solutions.jsonl")) as f:
         gold = [json.loads(line) for line in f]
     mix = [(g["output"], g["gt_answer"], "qwen_math") for g in gold]
-    mix += [(g["output"], gold[(k + 1) % len(gold)]["gt_answer"], "qwen_math") for k, g in enumerate(gold)]
-    mix += [(g["output"][: g["output"].rfind("\\boxed")], g["gt_answer"], "qwen_math") for g in gold[:100]]
+    mix += [(g["output"], gold[(k + 1) % len(gold)]["gt_answer"], "qwen_math")
+            for k, g in enumerate(gold)]
+    mix += [(g["output"][: g["output"].rfind("\\boxed")], g["gt_answer"], "qwen_math")
+            for g in gold[:100]]
     string_rows = []
     for path in sorted(glob.glob(os.path.join(data, "evaluation_suite", "*.jsonl"))):
         with open(path) as f:
@@ -118,7 +120,8 @@ def math_verify_agreement() -> None:
         else:
             diff.append((r["id"], r["category"], pred, r["answer"], r["expected"], ours, theirs))
     ours_right = sum(d[5] == bool(d[4]) for d in diff)
-    print(f"agreement with math-verify on the corpus: {agree}/{len(rows)} = {agree / len(rows):.1%}; "
+    print(f"agreement with math-verify on the corpus: {agree}/{len(rows)} = "
+          f"{agree / len(rows):.1%}; "
           f"on {ours_right} of the {len(diff)} disagreements our verdict is the corpus label")
     for d in diff:
         print("  id={} {} pred={!r} ref={!r} label={} ours={} math-verify={}".format(*d))
@@ -140,7 +143,8 @@ def cross_agreement(data: str) -> None:
     for pred, refs in pairs:
         ours = is_equiv(pred, refs)
         try:
-            theirs = any(verify(parse(f"\\boxed{{{g}}}"), parse(f"\\boxed{{{pred}}}")) for g in refs)
+            theirs = any(verify(parse(f"\\boxed{{{g}}}"), parse(f"\\boxed{{{pred}}}"))
+                         for g in refs)
         except Exception:  # noqa: BLE001
             theirs = False
         agree += ours == theirs
@@ -156,14 +160,17 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data"))
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--mv-sample", type=int, default=300, help="rows timed with math-verify (0: skip)")
-    ap.add_argument("--agreement", action="store_true", help="only compare verdicts with math-verify")
+    ap.add_argument("--mv-sample", type=int, default=300,
+                    help="rows timed with math-verify (0: skip)")
+    ap.add_argument("--agreement", action="store_true",
+                    help="only compare verdicts with math-verify")
     a = ap.parse_args()
     if a.agreement:
         math_verify_agreement()
         return cross_agreement(a.data)
     mix, string_rows = build_mix(a.data)
-    print(f"mix: {len(mix)} responses; string-match subset: {len(string_rows)}; cpus: {os.cpu_count()}")
+    print(f"mix: {len(mix)} responses; string-match subset: {len(string_rows)}; "
+          f"cpus: {os.cpu_count()}")
     for name, rows in (("string-match", string_rows), ("realistic mix", mix)):
         runs = []
         for _ in range(a.repeat):  # a fresh pool and empty caches each time: no warm-cache figures
@@ -175,8 +182,10 @@ def main() -> None:
                 start_s = time.perf_counter() - t
                 runs.append(run_pool(pool, rows) + (start_s,))
         rates = sorted(r[0] for r in runs)
-        print(f"{name}: {rates[len(rates) // 2]:.0f} responses/s (median of {len(runs)}; min {rates[0]:.0f}), "
-              f"slowest 1024-batch {max(r[1] for r in runs):.3f} s, timeouts {sum(r[2] for r in runs)}, "
+        print(f"{name}: {rates[len(rates) // 2]:.0f} responses/s "
+              f"(median of {len(runs)}; min {rates[0]:.0f}), "
+              f"slowest 1024-batch {max(r[1] for r in runs):.3f} s, "
+              f"timeouts {sum(r[2] for r in runs)}, "
               f"pool start {runs[0][3]:.2f} s ({n} workers)")
     clear_caches()
     worst, what = slowest_call(mix)

@@ -62,7 +62,8 @@ def make_base_model(seed: int, out_dir: str, *, warmup_steps: int | None = None,
     bind = make_binder(qc, dtype=jnp.float32)
     skill, habit = t.warmup_sft_steps, t.warmup_sft_habit_steps
     if warmup_steps is not None:  # a shortened warm-up keeps the config's skill:habit ratio
-        skill, habit = round(warmup_steps * skill / (skill + habit)), round(warmup_steps * habit / (skill + habit))
+        skill, habit = (round(warmup_steps * skill / (skill + habit)),
+                        round(warmup_steps * habit / (skill + habit)))
     params = warmup(params, bind, SyntheticTask(), tok, mesh, skill_steps=skill, habit_steps=habit,
                     lr=t.warmup_sft_lr, batch=t.warmup_sft_batch, seed=seed, printer=printer)
     write_hf_dir(out_dir, params, qc, dtype="float32")
@@ -150,7 +151,8 @@ def final_styles(trainer, prompts: int = 64, seed: int = 12345) -> dict:
                        sampling_params(cfg.sampling, n=G, stop_strings=task.stop_strings),
                        tokenizer=tok, mesh=trainer.mesh, seed=seed)
     with task.pool(workers=1) as pool:
-        correct = score(task, pool, rollout.texts, [r["answer"] for r in rows for _ in range(G)]).correct
+        correct = score(task, pool, rollout.texts,
+                        [r["answer"] for r in rows for _ in range(G)]).correct
     styles = np.array([style_of(t) for t in rollout.texts])
     out = {}
     for name in ("guess", "ramble", "worked", "recheck"):
@@ -242,7 +244,8 @@ def plot(results: dict, path: str | None = None, title: str = "the toy task"):
             with warnings.catch_warnings():  # all-NaN columns: a step without such responses
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, lo, hi = np.nanmean(vals, 0), np.nanmin(vals, 0), np.nanmax(vals, 0)
-            ax.plot(steps, mean, color=COLORS[loss], label=f"{loss} (mean of {vals.shape[0]} seeds)")
+            ax.plot(steps, mean, color=COLORS[loss],
+                    label=f"{loss} (mean of {vals.shape[0]} seeds)")
             ax.fill_between(steps, lo, hi, color=COLORS[loss], alpha=0.2, lw=0)
         ax.set_title(panel_title)
         ax.set_xlabel("RL step")
@@ -290,7 +293,8 @@ def main(argv=None) -> int:
                    help="config override KEY=VALUE, applied to both losses")
     p.add_argument("--json", default="docs/length_bias.json")
     p.add_argument("--png", default="docs/length_bias.png")
-    p.add_argument("--plot-only", action="store_true", help="redraw --png and the table from --json")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw --png and the table from --json")
     a = p.parse_args(argv)
     if not a.plot_only:
         setup_devices()

@@ -94,11 +94,13 @@ def run(loss: str, seed: int, *, steps: int = 200, prompts: int = 16, group_size
     rng = np.random.default_rng(seed)
     out = []
     for s in range(steps):
-        states, actions, mask, rewards, lengths = sample(np.asarray(table), prompts * group_size, rng)
+        states, actions, mask, rewards, lengths = sample(np.asarray(table),
+                                                         prompts * group_size, rng)
         ok = rewards > 0
         out.append({"step": s + 1, "accuracy": float(ok.mean()),
                     "response_length_correct": float(lengths[ok].mean()) if ok.any() else None,
-                    "response_length_incorrect": float(lengths[~ok].mean()) if (~ok).any() else None,
+                    "response_length_incorrect": (float(lengths[~ok].mean()) if (~ok).any()
+                                                  else None),
                     "response_length": float(lengths.mean())})
         table, opt_state = step(table, opt_state, jnp.asarray(states), jnp.asarray(actions),
                                 jnp.asarray(mask), jnp.asarray(rewards))
@@ -112,7 +114,8 @@ def run_all(seeds=(0, 1, 2, 3, 4), steps: int = 200, printer=print) -> dict:
         for loss in ("grpo", "dr_grpo"):
             rows = run(loss, seed, steps=steps)
             results["runs"][loss][str(seed)] = rows
-            printer(f"{loss:8s} seed {seed}: incorrect length {rows[0]['response_length_incorrect']:.1f}"
+            printer(f"{loss:8s} seed {seed}: incorrect length "
+                    f"{rows[0]['response_length_incorrect']:.1f}"
                     f" -> {rows[-1]['response_length_incorrect'] or float('nan'):.1f}, accuracy "
                     f"{rows[0]['accuracy']:.2f} -> {rows[-1]['accuracy']:.2f}", flush=True)
     return results
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--png", default="docs/length_bias_tabular.png")
     a = p.parse_args(argv)
     results = run_all(a.seeds, a.steps)
-    results["command"] = "python benchmarks/length_bias_tabular.py " + " ".join(argv or sys.argv[1:])
+    results["command"] = ("python benchmarks/length_bias_tabular.py "
+                          + " ".join(argv or sys.argv[1:]))
     if a.json:
         lb.save(results, a.json)
     lb.plot(results, a.png, title="a tabular policy")

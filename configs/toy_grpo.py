@@ -7,7 +7,8 @@ from pathlib import Path
 
 from r1zero_jax.config import RunConfig
 
-_spec = importlib.util.spec_from_file_location("_toy_dr_grpo", Path(__file__).with_name("toy_dr_grpo.py"))
+_spec = importlib.util.spec_from_file_location("_toy_dr_grpo",
+                                               Path(__file__).with_name("toy_dr_grpo.py"))
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 

@@ -67,7 +67,8 @@ configure_gcs_emulator()
 
 # tensorstore's GCS retries (the context resource Orbax's tensorstore contexts get, see
 # checkpoint.py); its default, 32 retries up to 32 s apart, keeps a dead endpoint busy for minutes.
-TENSORSTORE_GCS_RETRIES = {"max_retries": GCS_ATTEMPTS - 1, "initial_delay": "1s", "max_delay": "4s"}
+TENSORSTORE_GCS_RETRIES = {"max_retries": GCS_ATTEMPTS - 1, "initial_delay": "1s",
+                           "max_delay": "4s"}
 
 
 def is_gcs(path: str) -> bool:
@@ -303,18 +304,21 @@ def check_gcs_bucket(path: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     host, port = _endpoint()
     t0 = time.monotonic()
     try:
-        socket.create_connection((host, port), timeout=min(GCS_CONNECT_TIMEOUT_S, timeout_s)).close()
+        socket.create_connection((host, port),
+                                 timeout=min(GCS_CONNECT_TIMEOUT_S, timeout_s)).close()
     except OSError as e:
         raise gcs_error("bucket check (connect)", path, e, time.monotonic() - t0) from e
     try:
         _gcs_call("bucket check (listing)", f"{GCS_PREFIX}{bucket}", "_ls", detail=False,
                   refresh=True, max_results=1, timeout_s=timeout_s)
     except FileNotFoundError:
-        raise ValueError(f"GCS bucket {bucket!r} does not exist at {_where()} (path {path!r})") from None
+        raise ValueError(f"GCS bucket {bucket!r} does not exist at {_where()} "
+                         f"(path {path!r})") from None
     except GcsError as e:
         # gcsfs reports 403 as OSError("Forbidden: ...") and 401 as HttpError(code=401).
         cause = e.__cause__
         if (isinstance(cause, OSError) and str(cause).startswith("Forbidden")) \
                 or getattr(cause, "code", None) in (401, 403):
-            raise ValueError(f"permission denied on GCS bucket {bucket!r} at {_where()}: {cause}") from None
+            raise ValueError(f"permission denied on GCS bucket {bucket!r} at {_where()}: "
+                             f"{cause}") from None
         raise

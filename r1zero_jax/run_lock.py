@@ -80,7 +80,8 @@ class RunLock:
         """Why `holder` no longer holds the lease, or None while it does."""
         if not holder:
             return "the lock file is unreadable"
-        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
+        if holder.get("host") == socket.gethostname() \
+                and not _pid_alive(int(holder.get("pid", -1))):
             return "that process is no longer running"
         age = time.time() - float(holder.get("heartbeat", 0))
         if age > float(holder.get("lease_s", LEASE_S)):

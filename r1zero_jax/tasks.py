@@ -129,6 +129,7 @@ def from_config(spec: str, template: str) -> Task:
     cls = plugins.load(spec, "data.task")
     task = cls() if isinstance(cls, type) else cls
     if not isinstance(task, Task):
-        raise ValueError(f"data.task={spec!r} is a {type(task).__name__}, not a r1zero_jax.tasks.Task")
+        raise ValueError(f"data.task={spec!r} is a {type(task).__name__}, "
+                         "not a r1zero_jax.tasks.Task")
     plugins.check_spec(task.reward_fn, f"{spec}.reward_fn")
     return task

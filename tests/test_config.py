@@ -35,9 +35,11 @@ def test_paper_recipes():
     assert C.diff(dr, grpo) == ["name: 'qwen2_5_math_1_5b_dr_grpo' -> 'qwen2_5_math_1_5b_grpo'",
                                 "rl.loss: 'dr_grpo' -> 'grpo'"]
     for cfg in (dr, C.load_config("qwen2_5_math_7b_dr_grpo")):
-        assert (cfg.prompts_per_rollout, cfg.rl.group_size, cfg.train.minibatch_size) == (128, 8, 128)
+        assert (cfg.prompts_per_rollout, cfg.rl.group_size,
+                cfg.train.minibatch_size) == (128, 8, 128)
         assert (cfg.sampling.temperature, cfg.sampling.max_new_tokens) == (1.0, 3000)
-        assert (cfg.optim.learning_rate, cfg.optim.b1, cfg.optim.b2, cfg.optim.clip_norm) == (1e-6, 0.9, 0.95, 1.0)
+        assert (cfg.optim.learning_rate, cfg.optim.b1, cfg.optim.b2,
+                cfg.optim.clip_norm) == (1e-6, 0.9, 0.95, 1.0)
         assert cfg.rl.kl_beta == 0.0 and cfg.data.template == "qwen_math"
 
 
@@ -52,7 +54,8 @@ def test_overrides_are_typed():
     cfg = C.load_config("cpu_smoke", ["optim.learning_rate=2e-4", "rl.loss=grpo", "train.steps=3",
                                       "rl.mask_truncated=true", "model.remat=False"])
     assert cfg.optim.learning_rate == 2e-4 and isinstance(cfg.optim.learning_rate, float)
-    assert (cfg.rl.loss, cfg.train.steps, cfg.rl.mask_truncated, cfg.model.remat) == ("grpo", 3, True, False)
+    assert (cfg.rl.loss, cfg.train.steps, cfg.rl.mask_truncated,
+            cfg.model.remat) == ("grpo", 3, True, False)
     tuple_cfg = C.apply_overrides(C.RunConfig(), [])
     assert tuple_cfg == C.RunConfig()
 
@@ -61,7 +64,8 @@ def test_unknown_key_lists_the_valid_ones():
     with pytest.raises(ValueError) as e:
         C.load_config("cpu_smoke", ["optim.lr=1e-3"])
     msg = str(e.value)
-    assert "unknown key 'optim.lr'" in msg and "optim.learning_rate" in msg and "rl.group_size" in msg
+    assert ("unknown key 'optim.lr'" in msg and "optim.learning_rate" in msg
+            and "rl.group_size" in msg)
 
 
 @pytest.mark.parametrize("item,field,typ", [
@@ -143,7 +147,8 @@ def test_every_numeric_field_has_a_range():
     ("eval.batch_size=0", r"eval.batch_size=0 is out of range; allowed: \[1, inf\)"),
     ("optim.learning_rate=nan", r"optim.learning_rate=nan: must be a finite number in \[0, inf\)"),
     ("optim.learning_rate=inf", r"optim.learning_rate=inf: must be a finite number"),
-    ("train.warmup_sft_steps=-5", r"train.warmup_sft_steps=-5 is out of range; allowed: \[0, inf\)"),
+    ("train.warmup_sft_steps=-5",
+     r"train.warmup_sft_steps=-5 is out of range; allowed: \[0, inf\)"),
     ("train.minibatch_size=0", r"train.minibatch_size=0 is out of range; allowed: \[1, inf\)"),
     ("sampling.temperature=-1", r"sampling.temperature=-1.0 is out of range; allowed: \[0, inf\)"),
     ("sampling.top_p=-0.5", r"sampling.top_p=-0.5 is out of range; allowed: \(0, 1\]"),
@@ -158,10 +163,12 @@ def test_bad_numbers_name_key_value_and_range(item, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["sampling.max_new_tokens=120"], r"max_new_tokens = 136 exceeds model.max_position_embeddings=128"),
+    (["sampling.max_new_tokens=120"],
+     r"max_new_tokens = 136 exceeds model.max_position_embeddings=128"),
     (["eval.max_new_tokens=200"], r"max_new_tokens = 216 exceeds"),
     (["sampling.top_k=33"], r"sampling.top_k=33 exceeds model.vocab_size=32"),
-    (["checkpoint.keep_every=15"], r"checkpoint.keep_every=15 is not a multiple of checkpoint.every=10"),
+    (["checkpoint.keep_every=15"],
+     r"checkpoint.keep_every=15 is not a multiple of checkpoint.every=10"),
     (["model.num_kv_heads=3"], r"model.num_heads=4 must be a multiple of model.num_kv_heads=3"),
 ])
 def test_cross_field_constraints(overrides, message):

@@ -33,7 +33,8 @@ BAD_LINES = [
 def _write_source(directory, name):
     lines = [json.dumps(r, ensure_ascii=False) for r in GOOD_ROWS]
     # Interleave the bad lines so a skip cannot shift the rows that follow it.
-    mixed = [x for pair in zip(lines, BAD_LINES, strict=False) for x in pair] + lines[len(BAD_LINES):]
+    mixed = ([x for pair in zip(lines, BAD_LINES, strict=False) for x in pair]
+             + lines[len(BAD_LINES):])
     mixed += BAD_LINES[len(lines):]
     (directory / f"{name}.jsonl").write_text("\n".join(mixed) + "\n", encoding="utf-8")
 

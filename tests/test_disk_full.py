@@ -38,5 +38,6 @@ def test_disk_full_is_one_clear_error_and_keeps_the_last_checkpoint(small_disk):
                                                      r"complete steps: \[1\]"):
             ckpt.wait()
     with Checkpointer(os.path.join(small_disk, "ck"), save_every=1) as ckpt:
-        restored, meta = ckpt.restore(abstract_state={"x": jax.ShapeDtypeStruct((100,), jax.numpy.float32)})
+        restored, meta = ckpt.restore(
+            abstract_state={"x": jax.ShapeDtypeStruct((100,), jax.numpy.float32)})
     assert meta == {"step": 1} and float(restored["x"][99]) == 99.0

@@ -192,7 +192,8 @@ def test_emulator_dying_mid_run_is_reported_in_time(mode, tmp_path):
 def _train(workdir: str, emulator_url: str, cwd, steps: int) -> subprocess.Popen:
     from test_trainer import TINY
 
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TENSORSTORE_GCS_HTTP_URL")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "TENSORSTORE_GCS_HTTP_URL")}
     env.update(STORAGE_EMULATOR_HOST=emulator_url,
                PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
     sets = [a for s in TINY for a in ("--set", s)]
@@ -214,7 +215,8 @@ def test_train_against_a_black_hole_fails_in_time_before_writing(tmp_path):
     assert dt < BOUND_S, dt
 
 
-def test_train_with_emulator_killed_mid_run_fails_in_time_then_resumes_exactly(tmp_path, monkeypatch):
+def test_train_with_emulator_killed_mid_run_fails_in_time_then_resumes_exactly(
+        tmp_path, monkeypatch):
     from gcs_emulator import BUCKET, EmulatorProcess, _create_bucket
     from r1zero_jax.rl.launch import train_cli
     from r1zero_jax.rl.metrics import read_metrics

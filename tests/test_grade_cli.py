@@ -21,14 +21,16 @@ def _write(path, rows, raw_lines=()):
 
 
 @pytest.mark.parametrize("bad,message", [
-    ({"response": "x", "answer": {"a": 1}}, "`answer` must be a string, a number or a non-empty list"),
+    ({"response": "x", "answer": {"a": 1}},
+     "`answer` must be a string, a number or a non-empty list"),
     ({"response": "x", "answer": []}, "`answer` must be"),
     ({"response": 3, "answer": "3"}, "`response` must be a string"),
     ({"response": "x", "answer": "3", "template": "chatml"}, "unknown template 'chatml'"),
 ])
 def test_bad_row_named_by_its_file_line(tmp_path, capsys, bad, message):
     # Blank lines count: the reported number is the file's line, not the row's index.
-    path = _write(tmp_path / "in.jsonl", [GOOD] * 1499, raw_lines=[b""] + [json.dumps(bad).encode()])
+    path = _write(tmp_path / "in.jsonl", [GOOD] * 1499,
+                  raw_lines=[b""] + [json.dumps(bad).encode()])
     t0 = time.monotonic()
     assert cli.main(["grade", "--input", path]) == 2
     err = capsys.readouterr().err
@@ -37,7 +39,8 @@ def test_bad_row_named_by_its_file_line(tmp_path, capsys, bad, message):
 
 
 def test_non_utf8_named_by_file_and_line(tmp_path, capsys):
-    path = _write(tmp_path / "in.jsonl", [GOOD, GOOD], raw_lines=[b'{"response": "\xff", "answer": "1"}'])
+    path = _write(tmp_path / "in.jsonl", [GOOD, GOOD],
+                  raw_lines=[b'{"response": "\xff", "answer": "1"}'])
     assert cli.main(["grade", "--input", path]) == 2
     err = capsys.readouterr().err
     assert f"{path}:3: not UTF-8 (byte 0xff at column 15)" in err, err

@@ -53,7 +53,8 @@ def test_loss_values_by_hand():
     tm, _ = _loss("dr_grpo", "token_mean")
     assert float(tm) == pytest.approx((-1.15 + 1.55) / 5, abs=1e-6)
     assert float(m["clip_frac"]) == pytest.approx(2 / 5)
-    k3 = [r - 1 - math.log(r) for r in (1.1, 1.5, 0.5, 1.0, 1.3)]  # KL(old || new) from old samples: rho - 1 - log rho
+    # KL(old || new) from old samples: rho - 1 - log rho
+    k3 = [r - 1 - math.log(r) for r in (1.1, 1.5, 0.5, 1.0, 1.3)]
     assert float(m["approx_kl"]) == pytest.approx(sum(k3) / 5, rel=1e-5)
 
 
@@ -63,12 +64,14 @@ def test_masked_tokens_do_not_matter():
     poisoned = new.at[0, 2].set(50.0)  # a huge ratio on the masked slot
     for name in LOSS_NAMES:
         a, _ = losses.policy_loss(name, new, old, jnp.asarray(ADV), jnp.asarray(MASK), max_len=4)
-        b, _ = losses.policy_loss(name, poisoned, old, jnp.asarray(ADV), jnp.asarray(MASK), max_len=4)
+        b, _ = losses.policy_loss(name, poisoned, old, jnp.asarray(ADV), jnp.asarray(MASK),
+                                  max_len=4)
         assert float(a) == float(b)
 
 
 def _grad(name, logp, old, adv, mask, max_len=8, **kw):
-    fn = lambda lp, old, adv, mask: losses.policy_loss(name, lp, old, adv, mask, max_len=max_len, **kw)[0]  # noqa: E731
+    fn = lambda lp, old, adv, mask: losses.policy_loss(  # noqa: E731
+        name, lp, old, adv, mask, max_len=max_len, **kw)[0]
     return jax.jit(jax.grad(fn))(logp, old, adv, mask)
 
 
@@ -128,7 +131,8 @@ def test_k3_kl_penalty():
         losses.policy_loss("dr_grpo", lp, lp, jnp.zeros(2), mask, max_len=4, kl_beta=0.1)
 
 
-@pytest.mark.parametrize("name,aggregation", [("dr_grpo", ""), ("grpo", ""), ("dr_grpo", "token_mean")])
+@pytest.mark.parametrize("name,aggregation",
+                         [("dr_grpo", ""), ("grpo", ""), ("dr_grpo", "token_mean")])
 def test_microbatches_sum_to_the_minibatch_loss(name, aggregation):
     key = jax.random.split(jax.random.PRNGKey(2), 4)
     lp = -jax.random.uniform(key[0], (8, 5))

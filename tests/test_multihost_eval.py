@@ -9,7 +9,8 @@ import sys
 from test_multihost import ROOT, _free_port
 
 ARGS = ["train", "cpu_smoke", "--steps", "1", "--set", "train.warmup_sft_steps=5",
-        "--set", "train.warmup_sft_habit_steps=2", "--set", "eval.size=8", "--set", "eval.batch_size=8",
+        "--set", "train.warmup_sft_habit_steps=2", "--set", "eval.size=8",
+        "--set", "eval.batch_size=8",
         "--set", "rl.rollout_batch_size=32", "--set", "train.minibatch_size=16",
         "--set", "sampling.max_new_tokens=24", "--set", "log.tensorboard=false",
         "--set", "log.plot=false"]
@@ -86,7 +87,8 @@ def test_eval_command_on_two_processes_matches_one(tmp_path, qwen_tokenizer_dir)
     def records(d):
         return [{k: r[k] for k in ("index", "response", "length", "finish_reason", "correct",
                                    "extracted")}
-                for r in map(json.loads, (tmp_path / d / "generations.jsonl").read_text().splitlines())]
+                for r in map(json.loads,
+                             (tmp_path / d / "generations.jsonl").read_text().splitlines())]
 
     assert len(records("two")) == len(problems) and records("two") == records("one")
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))

@@ -23,7 +23,8 @@ def test_nan_stops_the_run_before_its_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "_learn", diverging_learn)
     with pytest.raises(ValueError, match=r"step 2: loss=nan is not finite; stopped without "
-                                         r"checkpointing it \(the last checkpoint in .* is intact\)"):
+                                         r"checkpointing it \(the last checkpoint in .* "
+                                         r"is intact\)"):
         train_cli("cpu_smoke", TINY, workdir=wd, steps=3)
     with Checkpointer(os.path.join(wd, "checkpoints"), save_every=1) as ckpt:
         assert ckpt.all_steps() == [1]

@@ -19,10 +19,10 @@ from r1zero_jax.rewards.normalize import MAX_ANSWER_CHARS, normalize, quick_verd
 
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "grader_corpus.jsonl")
 REQUIRED_CATEGORIES = {
-    "fraction", "mixed_number", "decimal_vs_fraction", "sqrt", "pi", "percent", "degrees", "thousands",
-    "scientific", "units_text", "dollars", "left_right", "tuple", "interval", "set", "equation_lhs",
-    "choice", "infinity", "signs", "trailing_punct", "amc_float_ref", "list_refs", "hostile",
-    "r1_format", "extract_fbox", "extract_no_braces", "extract_none", "matrix",
+    "fraction", "mixed_number", "decimal_vs_fraction", "sqrt", "pi", "percent", "degrees",
+    "thousands", "scientific", "units_text", "dollars", "left_right", "tuple", "interval", "set",
+    "equation_lhs", "choice", "infinity", "signs", "trailing_punct", "amc_float_ref", "list_refs",
+    "hostile", "r1_format", "extract_fbox", "extract_no_braces", "extract_none", "matrix",
 }
 # Issue 14's failure classes, at least 40 labelled rows each.
 ISSUE14_CATEGORIES = {"decimal_precision", "hedge", "plus_minus", "text_case", "repeating_decimal",
@@ -125,7 +125,8 @@ def test_quick_verdict_settles_plain_numbers_without_sympy():
 def test_normalisation_is_fast_on_hostile_text():
     """No regex blow-ups: hostile text must not eat the row's CPU budget."""
     n = MAX_ANSWER_CHARS - 10
-    hostile = ["1 " + "m" * n + "!", "1" + " m" * (n // 2) + "!", "1" * n + "x", "1," * (n // 2) + "x",
+    hostile = ["1 " + "m" * n + "!", "1" + " m" * (n // 2) + "!", "1" * n + "x",
+               "1," * (n // 2) + "x",
                "\\text{" * (n // 6), "1 " + "cm " * (n // 3) + "!", "1" + "\\," * (n // 2) + "x",
                "\\frac{" * (n // 6), "1 or " * (n // 5), "9 \\text{" + " or" * (n // 4),
                "0." + "1" * (n - 20) + "\\overline{3}", "1\\pm" * (n // 4),
@@ -167,7 +168,8 @@ def test_references_do_not_match_other_problems(shared_data_dir):
 
 
 def test_math500_gold_solutions_all_rewarded(shared_data_dir):
-    """Real worked solutions (full text with \\boxed{} at the end) against `gt_answer`: 500 of 500."""
+    """Real worked solutions (full text with \\boxed{} at the end) against `gt_answer`:
+    500 of 500."""
     with open(os.path.join(shared_data_dir, "math500_gold_solutions.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     rewards = [_grade({"response": r["output"], "template": "qwen_math", "answer": r["gt_answer"]})

@@ -70,7 +70,8 @@ def test_hostile_inputs_score_zero_fast_without_side_effects(pool, tmp_path):
     assert all(r.reason for r in res)
     assert not marker.exists()
     # still serving, with correct answers
-    assert [r.reward for r in pool.grade(["\\boxed{\\sqrt{8}}", "\\boxed{2}"], ["2\\sqrt{2}", "3"])] == [1.0, 0.0]
+    assert [r.reward for r in pool.grade(["\\boxed{\\sqrt{8}}", "\\boxed{2}"],
+                                         ["2\\sqrt{2}", "3"])] == [1.0, 0.0]
 
 
 def test_timeout_kills_and_replaces_the_worker():
@@ -97,8 +98,9 @@ def test_random_expressions_never_time_out(pool):
         if depth > 6 or rng.random() < 0.2:
             return rng.choice(atoms)
         a, b = gen(depth + 1), gen(depth + 1)
-        return rng.choice([f"{a}+{b}", f"{a}{b}", f"\\frac{{{a}}}{{{b}}}", f"{{{a}}}^{{{b}}}", f"({a})!",
-                           f"\\sqrt[{a}]{{{b}}}", f"\\log({a})", f"e^{{{a}}}", f"\\binom{{{a}}}{{{b}}}"])
+        return rng.choice([f"{a}+{b}", f"{a}{b}", f"\\frac{{{a}}}{{{b}}}", f"{{{a}}}^{{{b}}}",
+                           f"({a})!", f"\\sqrt[{a}]{{{b}}}", f"\\log({a})", f"e^{{{a}}}",
+                           f"\\binom{{{a}}}{{{b}}}"])
 
     exprs = [gen() for _ in range(300)]
     t = time.perf_counter()
@@ -117,7 +119,8 @@ def test_dead_workers_are_replaced_and_the_batch_completes(pool):
 
 
 def test_compute_rewards_api(pool):
-    responses = ["so \\boxed{\\frac{1}{2}}", "so \\boxed{0.33}", "no box", " a </think> <answer> 4 </answer>"]
+    responses = ["so \\boxed{\\frac{1}{2}}", "so \\boxed{0.33}", "no box",
+                 " a </think> <answer> 4 </answer>"]
     answers = ["0.5", "\\frac13", "1", ["4"]]
     assert compute_rewards(responses, answers, "qwen_math", pool=pool) == [1.0, 0.0, 0.0, 0.0]
     assert compute_rewards(responses, answers, "r1", pool=pool) == [0.0, 0.0, 0.0, 1.0]
@@ -130,7 +133,8 @@ def test_compute_rewards_api(pool):
 
 
 def test_rewards_package_does_not_import_jax():
-    code = "import sys, r1zero_jax.rewards; assert 'jax' not in sys.modules and 'torch' not in sys.modules"
+    code = ("import sys, r1zero_jax.rewards; "
+            "assert 'jax' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -217,7 +221,8 @@ def test_workers_killed_before_they_are_ready_are_replaced():
             stop.set()
             t.join()
         # A worker that got ready before the killer saw it may die mid-row: twice is a 0.
-        assert all(r.reward == w or r.reason == "worker died" for r, w in zip(res, want, strict=False))
+        assert all(r.reward == w or r.reason == "worker died"
+                   for r, w in zip(res, want, strict=False))
         assert sum(r.reason == "worker died" for r in res) <= 3
         # ... and the server itself, once it is serving (idle workers killed cost no row)
         os.kill(p.server_pid(), signal.SIGKILL)

@@ -27,8 +27,8 @@ def host_params():
     params = params_of(init_model(QC, mesh1, seed=3))
     # Non-zero biases and norms so a dropped term would show.
     rng = np.random.default_rng(0)
-    return jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
-                        params)
+    return jax.tree.map(
+        lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), params)
 
 
 def _batch():
@@ -49,7 +49,8 @@ def _one_step(mesh, host_params, loss="dr_grpo", aggregation=""):
     optim = OptimConfig(learning_rate=1e-2, weight_decay=0.01, clip_norm=0.5)
     tx = make_optimizer(optim)
     state = init_state(params, tx, mesh)
-    learner = Learner(bind=make_binder(QC, dtype=jnp.float32), rl=RLConfig(loss=loss, aggregation=aggregation),
+    learner = Learner(bind=make_binder(QC, dtype=jnp.float32),
+                      rl=RLConfig(loss=loss, aggregation=aggregation),
                       tx=tx, schedule=lr_schedule(optim), max_new_tokens=TN)
     logprobs, step = jit_learner(learner, state, mesh)
     tokens, input_mask, loss_mask, adv = _batch()
@@ -61,7 +62,8 @@ def _one_step(mesh, host_params, loss="dr_grpo", aggregation=""):
     batch = LearnBatch(tokens=put(tokens), input_mask=put(input_mask), loss_mask=put(loss_mask),
                        old_logp=put(old), advantages=put(adv))
     new_state, metrics = step(state, batch)
-    return old, jax.tree.map(np.asarray, new_state.params), {k: float(v) for k, v in metrics.items()}
+    return (old, jax.tree.map(np.asarray, new_state.params),
+            {k: float(v) for k, v in metrics.items()})
 
 
 @pytest.mark.parametrize("loss,aggregation", [
@@ -73,7 +75,8 @@ def test_train_step_on_8_devices_equals_one_device(host_params, loss, aggregatio
     old8, p8, m8 = _one_step(mesh8, host_params, loss, aggregation)
     old1, p1, m1 = _one_step(mesh1, host_params, loss, aggregation)
     np.testing.assert_allclose(old8, old1, atol=1e-5)
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(host_params)))
+    moved = max(float(np.abs(a - b).max())
+                for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(host_params)))
     assert moved > 1e-3  # the step did something
     for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
@@ -99,7 +102,8 @@ def test_chunked_lm_head_gives_the_same_logprobs_and_gradients(host_params):
     for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g0)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # Entropy is a metric only: no gradient flows through it.
-    ge = jax.jit(jax.grad(lambda p: response_logprobs(bind(p), tokens, input_mask, TN)[1].sum()))(host_params)
+    ge = jax.jit(jax.grad(
+        lambda p: response_logprobs(bind(p), tokens, input_mask, TN)[1].sum()))(host_params)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(ge))
 
 
@@ -127,7 +131,8 @@ def test_cli_run_files_and_resume(tmp_path, capsys):
     assert summary["steps"] == 2
     assert 0 <= summary["eval_accuracy_before"] <= 1 and 0 <= summary["eval_accuracy_after"] <= 1
     assert os.path.getsize(os.path.join(wd, "curves.png")) > 1000
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tensorboard")))
+    assert any(f.startswith("events.out.tfevents")
+               for f in os.listdir(os.path.join(wd, "tensorboard")))
     out = capsys.readouterr().out
     assert "step 2/2" in out and "ETA" in out and "held-out greedy accuracy" in out
 

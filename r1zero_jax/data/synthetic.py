@@ -104,7 +104,8 @@ class SyntheticTask:
         if split not in ("train", "eval"):
             raise ValueError(f"unknown split {split!r}; use 'train' or 'eval'")
         out = []
-        for i, terms in enumerate(itertools.product(range(self.max_digit + 1), repeat=self.num_terms)):
+        for i, terms in enumerate(itertools.product(range(self.max_digit + 1),
+                                                    repeat=self.num_terms)):
             held = (i * 2654435761 % 2**32) / 2**32 < self.eval_fraction  # Knuth's hash
             if held == (split == "eval"):
                 out.append(terms)
@@ -142,8 +143,9 @@ class SyntheticTask:
     def warmup_length(self, tokenizer: SyntheticTokenizer) -> int:
         """Tokens in the longest warm-up sequence (prompt + response + EOS)."""
         terms = (self.max_digit,) * self.num_terms
-        longest = max(len(tokenizer.encode(worked(terms, boxed=False) + " recheck " + worked(terms))),
-                      len(tokenizer.encode("hmm " * 6 + f"\\boxed{{{self.max_digit * self.num_terms}}}")))
+        longest = max(
+            len(tokenizer.encode(worked(terms, boxed=False) + " recheck " + worked(terms))),
+            len(tokenizer.encode("hmm " * 6 + f"\\boxed{{{self.max_digit * self.num_terms}}}")))
         return len(tokenizer.encode(question(terms))) + longest + 1
 
     def warmup_batch(self, tokenizer: SyntheticTokenizer, batch: int, rng: np.random.Generator,

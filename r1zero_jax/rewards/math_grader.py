@@ -57,7 +57,8 @@ def _depth_steps(s: str):
 
 
 def split_top(s: str, sep: str) -> list[str]:
-    """s split at `sep` outside brackets (a command separator such as \\in does not match \\infty)."""
+    """s split at `sep` outside brackets (a command separator such as \\in does not match
+    \\infty)."""
     parts, last = [], 0
     for i, _, depth in _depth_steps(s):
         end = i + len(sep)
@@ -239,10 +240,12 @@ def _tree_equiv(p, r, p_pct: bool, r_pct: bool) -> bool:
     if kind == "set":
         return _matched(p[1], r[1], p_pct, r_pct)
     if kind == "matrix":
-        return (len(p[1]) == len(r[1]) and all(len(a) == len(b) for a, b in zip(p[1], r[1], strict=False))
+        return (len(p[1]) == len(r[1])
+                and all(len(a) == len(b) for a, b in zip(p[1], r[1], strict=False))
                 and sum(len(a) for a in r[1]) <= MAX_ITEMS
                 and all(_tree_equiv(x, y, p_pct, r_pct)
-                        for a, b in zip(p[1], r[1], strict=False) for x, y in zip(a, b, strict=False)))
+                        for a, b in zip(p[1], r[1], strict=False)
+                        for x, y in zip(a, b, strict=False)))
     # equations: same relation up to sign when both sides parse
     if p[1] == r[1] and p[2] == r[2]:
         return True

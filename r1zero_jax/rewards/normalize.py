@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
-MAX_ANSWER_CHARS = 2_000  # a longer extracted answer only matches a reference character for character
+# a longer extracted answer only matches a reference character for character
+MAX_ANSWER_CHARS = 2_000
 MAX_REPEAT_DIGITS = 30  # digits of a repeating decimal turned into a fraction
 MAX_EXPONENT = 400  # of a plain e-notation number compared exactly (the parser refuses larger too)
 
@@ -40,10 +41,10 @@ _TEXT_CMDS = ("\\text", "\\textbf", "\\textrm", "\\textit", "\\mathrm", "\\mathb
 _UNITS = (
     "cm", "mm", "km", "m", "meters", "meter", "centimeters", "inches", "inch", "in", "feet", "foot",
     "ft", "yards", "yard", "miles", "mile", "mph", "units", "unit", "degrees", "degree", "dollars",
-    "dollar", "cents", "cent", "hours", "hour", "minutes", "minute", "seconds", "second", "sec", "s",
-    "days", "day", "weeks", "years", "kg", "g", "grams", "pounds", "lbs", "ounces", "liters", "mL",
-    "ml", "sq", "square", "cubic", "people", "students", "ways", "points", "times", "pages", "eV",
-    "J", "K", "Hz", "nm", "pc", "Mpc", "kpc", "AU", "W", "N", "Pa", "atm", "V",
+    "dollar", "cents", "cent", "hours", "hour", "minutes", "minute", "seconds", "second", "sec",
+    "s", "days", "day", "weeks", "years", "kg", "g", "grams", "pounds", "lbs", "ounces", "liters",
+    "mL", "ml", "sq", "square", "cubic", "people", "students", "ways", "points", "times", "pages",
+    "eV", "J", "K", "Hz", "nm", "pc", "Mpc", "kpc", "AU", "W", "N", "Pa", "atm", "V",
 )
 # Each unit word is preceded by whitespace, so the repetition cannot split a word (no backtracking
 # blow-up on hostile text).
@@ -186,7 +187,8 @@ def plain_number(text: str) -> tuple[Fraction, Fraction] | None:
             return None
     m = _SIMPLE_FRAC.fullmatch(text)
     if m:
-        sign, a, b = (m.group(1), m.group(2), m.group(3)) if m.group(2) else ("", m.group(4), m.group(5))
+        sign, a, b = ((m.group(1), m.group(2), m.group(3)) if m.group(2)
+                      else ("", m.group(4), m.group(5)))
         if int(b) == 0:
             return None
         v = Fraction(int(a), int(b))

@@ -441,9 +441,11 @@ class GraderPool:
 
 
 def _references(ans, i: int) -> list[str]:
-    refs = [ans] if isinstance(ans, (str, int, float)) else list(ans) if isinstance(ans, (list, tuple)) else None
+    refs = ([ans] if isinstance(ans, (str, int, float))
+            else list(ans) if isinstance(ans, (list, tuple)) else None)
     if not refs or not all(isinstance(r, (str, int, float)) for r in refs):
-        raise TypeError(f"answer {i} must be a string, a number or a non-empty list of them; got {ans!r:.80}")
+        raise TypeError(f"answer {i} must be a string, a number or a non-empty list of them; "
+                        f"got {ans!r:.80}")
     return [str(r) for r in refs]
 
 
@@ -468,7 +470,8 @@ def grade_responses(responses: Sequence[str], answers: Sequence, template: str =
 
 def compute_rewards(responses: Sequence[str], answers: Sequence, template: str = "qwen_math",
                     pool: GraderPool | None = None) -> list[float]:
-    """Reward 1.0/0.0 per response (the trainer's reward function); a shared pool when none given."""
+    """Reward 1.0/0.0 per response (the trainer's reward function); a shared pool when none
+    given."""
     return [r.reward for r in grade_responses(responses, answers, template, pool)]
 
 

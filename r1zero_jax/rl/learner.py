@@ -137,7 +137,8 @@ def state_shardings(state: TrainState):
 
 
 def abstract_state(state: TrainState):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,7 +92,8 @@ def get_loss(name: str) -> LossSpec:
 def compute_advantages(loss: str, rewards: jax.Array, group_size: int) -> jax.Array:
     """Advantages [B] of `rewards` [B] (B a multiple of group_size) under loss `loss`."""
     if rewards.shape[0] % group_size:
-        raise ValueError(f"{rewards.shape[0]} rewards are not a whole number of groups of {group_size}")
+        raise ValueError(f"{rewards.shape[0]} rewards are not a whole number of groups of "
+                         f"{group_size}")
     return ADVANTAGES[get_loss(loss).advantage](rewards, group_size)
 
 

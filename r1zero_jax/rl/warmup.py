@@ -73,5 +73,6 @@ def warmup(params: dict, bind, task, tokenizer, mesh: Mesh, *,
             if (i + 1) % every == 0 or i + 1 == steps:
                 el = time.perf_counter() - t0
                 printer(f"warm-up {name} {i + 1}/{steps} | loss {float(loss):.3f} | "
-                        f"{done / el:.1f} steps/s ETA {el / done * (total - done):.0f}s", flush=True)
+                        f"{done / el:.1f} steps/s ETA {el / done * (total - done):.0f}s",
+                        flush=True)
     return shd.from_host(shd.to_host(params), shardings)

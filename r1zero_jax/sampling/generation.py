@@ -59,7 +59,8 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingPara
     per_call = min(prompts_per_call or count, count)
     parts = []
     for c, start in enumerate(range(0, count, per_call)):
-        batch = [prompt_tokens[i] for i in np.minimum(np.arange(start, start + per_call), count - 1)]
+        batch = [prompt_tokens[i]
+                 for i in np.minimum(np.arange(start, start + per_call), count - 1)]
         ptok, pmask = left_pad(batch, pad_id(tokenizer), prompt_width(max(map(len, batch))))
         out = sample(model, ptok, pmask, params, seed=jax.random.fold_in(key, c), mesh=mesh,
                      tokenizer=tokenizer)
