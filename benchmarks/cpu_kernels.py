@@ -68,7 +68,7 @@ def attention_read():
     valid = jnp.ones((B, 1, 1, S), bool)
 
     @jax.jit
-    def attend(q, ks, vs):  # the decode einsums of models/qwen2.py, on its cache layouts
+    def attend(q, ks, vs):  # the decode einsums of models/decoder.py, on its cache layouts
         def step(i, q):
             for k, v in zip(ks, vs, strict=False):
                 s = jnp.einsum("BKGH,BKHS->BKGS", q, k, preferred_element_type=jnp.float32)

@@ -32,8 +32,9 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """The shared decoder's shape and variant. Subclasses set `model_type`, `architecture` and
-    their defaults (the variant flags: qkv_bias, qk_norm, rope_scaling); `eos_token_ids` are the checkpoint's end-of-sequence ids (its config.json
-    and generation_config.json), which the sampler stops on."""
+    their defaults (the variant flags: qkv_bias, qk_norm, rope_scaling); `eos_token_ids` are the
+    checkpoint's end-of-sequence ids (its config.json and generation_config.json), which the
+    sampler stops on."""
 
     model_type: ClassVar[str] = ""  # HF config.json `model_type`: the registry key
     architecture: ClassVar[str] = ""  # HF `architectures[0]`
