@@ -296,6 +296,7 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
         abs_state.replace_by_pure_dict(params)
         abs_state = sampler.serving_state(abs_state, mesh, dtype)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+        int_scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
         key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)  # the trainer's raw key
         tables = finals = None
         if stop_strings:
@@ -305,7 +306,7 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
             finals = jax.ShapeDtypeStruct((len(stop_strings),), jnp.int32, sharding=rep)
         static = dict(graphdef=graphdef, plan=plan)
         lowered, compiled = run("prefill", lambda: sampler.prefill.lower(
-            abs_state, rows(jnp.int32), rows(bool), key, scalar, scalar, tables, finals,
+            abs_state, rows(jnp.int32), rows(bool), key, int_scalar, scalar, scalar, tables, finals,
             **static), resident_bytes=resident)
         if "decode" in programs:
             loop = shd.abstract(lowered.out_info, compiled.output_shardings)
