@@ -17,7 +17,8 @@ from r1zero_jax.analysis import has_self_reflection
 
 def rollout_metrics(batch, group_size: int) -> dict:
     """Reward, accuracy, lengths of correct vs incorrect responses, truncation, reflection share,
-    grading timeouts and lost grader workers, and the share of groups without learning signal."""
+    grading timeouts and lost grader workers, the share of groups without learning signal, and the
+    sampler's report (decode steps, generated tokens, slot utilization, tokens/s)."""
     lengths = batch.lengths.astype(np.float64)
     good, bad = batch.correct, ~batch.correct
 
@@ -35,6 +36,7 @@ def rollout_metrics(batch, group_size: int) -> dict:
         "grader_timeouts": int(batch.grader_timed_out.sum()),
         "grader_worker_deaths": batch.grader_worker_deaths,
         **group_stats(batch.rewards, group_size),
+        **{f"rollout_{k}": v for k, v in batch.report.items()},
     }
 
 

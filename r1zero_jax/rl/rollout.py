@@ -29,6 +29,7 @@ class RolloutBatch:
     rewards: np.ndarray | None = None  # float32 [R], truncated responses get 0
     grader_timed_out: np.ndarray | None = None  # bool [R] scored 0: grading CPU budget used up
     grader_worker_deaths: int = 0  # grader workers lost while grading this batch, set by `grade`
+    report: dict = dataclasses.field(default_factory=dict)  # sampler.rollout_report
 
     @property
     def size(self) -> int:
@@ -61,23 +62,25 @@ def _pad_to(x: np.ndarray, width: int, value) -> np.ndarray:
 
 
 def generate(model, prompt_tokens: Sequence[Sequence[int]], answers: Sequence[Any], *, params,
-             tokenizer, mesh, seed, prompts_per_call: int = 0,
+             tokenizer, mesh, seed, prompts_per_call: int = 0, decode_slots: int = 0,
              max_prompt_tokens: int) -> RolloutBatch:
     """Sample `params.n` responses per prompt (`params` is the sampler's SamplingParams), reading
-    the model's arrays in place; answers repeat per sample."""
-    import jax
-
-    from r1zero_jax.sampling.sampler import sample
+    the model's arrays in place; answers repeat per sample. decode_slots > 0: one continuous
+    batch over the whole rollout (sampling/continuous.py), else static calls of
+    `prompts_per_call` prompts; both give each row the same tokens (one seed, keyed by row)."""
+    from r1zero_jax.sampling.continuous import sample_continuous
+    from r1zero_jax.sampling.sampler import rollout_report, sample
 
     n, width = params.n, params.max_new_tokens
     per_call = prompts_per_call or len(prompt_tokens)
     ptok, pmask = prompt_arrays(prompt_tokens, tokenizer.pad_token_id, max_prompt_tokens)
-    parts = []
-    for c, start in enumerate(range(0, len(prompt_tokens), per_call)):
-        sl = slice(start, start + per_call)
-        key = jax.random.fold_in(seed, c) if not isinstance(seed, int) else seed + c
-        out = sample(model, ptok[sl], pmask[sl], params, seed=key, mesh=mesh, tokenizer=tokenizer)
-        parts.append(out)
+    if decode_slots:
+        parts = [sample_continuous(model, ptok, pmask, params, seed=seed, mesh=mesh,
+                                   slots=decode_slots, tokenizer=tokenizer)]
+    else:
+        parts = [sample(model, ptok[start:start + per_call], pmask[start:start + per_call],
+                        params, seed=seed, mesh=mesh, tokenizer=tokenizer, row_offset=start * n)
+                 for start in range(0, len(prompt_tokens), per_call)]
     # Rollout fields are host arrays already (the sampler gathers them on every process).
     tokens = np.concatenate([_pad_to(p.tokens, width, tokenizer.pad_token_id) for p in parts])
     mask = np.concatenate([_pad_to(p.mask, width, False) for p in parts])
@@ -90,7 +93,8 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], answers: Sequence[An
         prompt_tokens=np.repeat(ptok, n, axis=0), prompt_mask=np.repeat(pmask, n, axis=0),
         tokens=tokens, mask=mask, sampler_logp=logp, lengths=lengths,
         truncated=finish == "length", texts=texts,
-        answers=[a for a in answers for _ in range(n)])
+        answers=[a for a in answers for _ in range(n)],
+        report=rollout_report([p.timings for p in parts], int(lengths.sum())))
 
 
 def grade(batch: RolloutBatch, template: str, pool) -> RolloutBatch:

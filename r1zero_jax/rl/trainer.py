@@ -395,6 +395,7 @@ class Trainer:
                          params=sampling_params(c, self.tokenizer, n=G), tokenizer=self.tokenizer,
                          mesh=self.mesh, seed=jax.random.fold_in(key, step),
                          prompts_per_call=c.sampling.prompts_per_call,
+                         decode_slots=c.sampling.decode_slots,
                          max_prompt_tokens=c.data.max_prompt_tokens)
         t1 = time.perf_counter()
         ro.grade(rb, c.data.template, pool)
