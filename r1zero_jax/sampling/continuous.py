@@ -7,8 +7,10 @@ slots, Tp prompt width, M max_new_tokens, C = Tp + M cache slots per decode slot
 - The B prompts are prefilled once (`sampler.prefill_prompts`); their caches stay beside the
   slots' cache. A slot whose row ends is refilled in the loop: the next row's prompt KV and mask
   are copied in (the n samples of a prompt share its prefill) and its generated part is marked
-  empty. At most `REFILLS_PER_STEP` slots are refilled per iteration (a bounded scatter of prompt
-  caches; a slot left over waits an iteration).
+  empty. The copies run one prompt at a time, in a loop over the slots refilled this iteration
+  (usually none or one): on a mesh a copy moves one prompt's cache [K, H, Tp] per layer, where
+  a batched gather would move `REFILLS_PER_STEP` of them every step. At most `REFILLS_PER_STEP`
+  slots are refilled per iteration (a slot left over waits one).
 - A slot's cache has a static call's row layout (prompt at [0, Tp), token i at Tp + i) and token
   i of row r draws under fold_in(fold_in(key, i), r), the key `sampler.sample` uses: every row
   gets the tokens and log-probs of one big static call, whatever the slot count.
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from r1zero_jax import sharding as shd
 from r1zero_jax.models.qwen2 import KVCache
@@ -67,26 +69,53 @@ def _slot(x, mesh):
     return _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))
 
 
+def _put_row(x, update, axes, *, slot, mesh: Mesh):
+    """x [S, ...] laid out by logical `axes` (slots over the batch shards); update [1, ...] no
+    larger than a row, written at the start of row `slot`, by the shard that holds that row
+    alone (a scatter at a dynamic row of a sharded array makes XLA gather the whole array)."""
+    spec = shd.logical_sharding(mesh, axes).spec
+    batch = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+    update = jax.lax.with_sharding_constraint(
+        update, NamedSharding(mesh, P(None, *spec[1:])))
+
+    def local(x, u, slot):
+        rows = x.shape[0]
+        first = jax.lax.axis_index(batch) * rows if batch else 0
+        at = jnp.clip(slot - first, 0, rows - 1)
+        start = (at,) + (0,) * (x.ndim - 1)
+        old = jax.lax.dynamic_slice(x, start, u.shape)
+        mine = (slot >= first) & (slot < first + rows)
+        return jax.lax.dynamic_update_slice(x, jnp.where(mine, u.astype(x.dtype), old), start)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(None, *spec[1:]), P()),
+                         out_specs=spec)(x, update, slot)
+
+
 def _refill(s: _Slots, free, cap: int, plan: Plan) -> _Slots:
     """Give the free slots [S] the next pending rows (at most `cap` of them); the others idle."""
     n, mesh = plan.n, plan.mesh
-    slots, idle = free.shape[0], s.tokens.shape[0]
+    idle = s.tokens.shape[0]
     rank = jnp.cumsum(free) - 1
     new_row = s.next_row + rank
     take = free & (rank < cap) & (new_row < s.num_rows)
     row = jnp.where(take, new_row, jnp.where(free, idle, s.row))
-    which = jnp.nonzero(take, size=cap, fill_value=slots)[0]  # [cap]; `slots`: dropped below
-    prompt = jnp.take(row, which, mode="clip") // n
-    pick = lambda x: jnp.take(x, prompt, axis=0, mode="clip")  # noqa: E731
     tp = s.prompt_cache.valid.shape[1]
-    c, pc = s.cache, s.prompt_cache
-    valid = jnp.pad(pick(pc.valid), ((0, 0), (0, c.valid.shape[1] - tp)))
-    cache = KVCache(
-        k=tuple(x.at[which, :, :, :tp].set(pick(p), mode="drop") for x, p in zip(c.k, pc.k)),
-        v=tuple(x.at[which, :, :tp].set(pick(p), mode="drop") for x, p in zip(c.v, pc.v)),
-        valid=c.valid.at[which].set(valid, mode="drop"), index=c.index)
+    pc = s.prompt_cache
+    order = jnp.cumsum(take)
+
+    def copy(i, c: KVCache) -> KVCache:
+        which = jnp.argmax(order == i + 1)  # the (i+1)-th refilled slot
+        prompt = jnp.take(row, which) // n
+        put = functools.partial(_put_row, slot=which, mesh=mesh)
+        pick = lambda x: jnp.take(x, prompt[None], axis=0)  # noqa: E731
+        valid = jnp.pad(pick(pc.valid), ((0, 0), (0, c.valid.shape[1] - tp)))
+        return KVCache(k=tuple(put(x, pick(p), KVCache.K_AXES) for x, p in zip(c.k, pc.k)),
+                       v=tuple(put(x, pick(p), KVCache.V_AXES) for x, p in zip(c.v, pc.v)),
+                       valid=put(c.valid, valid, ("batch", "cache_length")), index=c.index)
+
+    cache = jax.lax.fori_loop(0, order[-1], copy, s.cache)
     return s.replace(
-        cache=_constrain_cache(cache, mesh), row=_slot(row, mesh),
+        cache=cache, row=_slot(row, mesh),
         step=_slot(jnp.where(take, 0, s.step), mesh), fresh=_slot(take, mesh),
         stop_state=_slot(jnp.where(take[:, None], 0, s.stop_state), mesh),
         next_row=s.next_row + jnp.sum(take, dtype=jnp.int32))
