@@ -57,7 +57,7 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
     import jax.numpy as jnp
 
     from r1zero_jax.convert.hf import load_model
-    from r1zero_jax.sampling.sampler import SamplingParams, sample
+    from r1zero_jax.sampling.sampler import SamplingParams, rollout_report, sample
     from r1zero_jax.sharding import make_mesh
 
     texts = read_prompts(prompt, prompts_file, template)
@@ -79,7 +79,7 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
                          " positions")
 
     out = open(output, "w") if output else None
-    start, done_tokens = time.perf_counter(), 0
+    start, done_tokens, timings = time.perf_counter(), 0, []
     chunk = min(CHUNK_PROMPTS, len(texts))
     try:
         for lo in range(0, len(texts), chunk):
@@ -95,6 +95,7 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
                     _emit(out, lo + b, j, texts[lo + b], ro.texts[r], ro.tokens[r, :length],
                           ro.logprobs[r, :length], str(ro.finish_reason[r]))
             done_tokens += int(ro.lengths[:(hi - lo) * n].sum())
+            timings.append(ro.timings)
             elapsed = time.perf_counter() - start
             eta = elapsed / hi * (len(texts) - hi)
             print(f"generate: {hi}/{len(texts)} prompts, {hi / elapsed:.2f} prompts/s, "
@@ -103,6 +104,11 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
     finally:
         if out:
             out.close()
+    # Slot utilization counts the copies that top up the last chunk as idle slots.
+    r = rollout_report(timings, done_tokens)
+    print(f"generate: {r['decode_steps']} decode steps, {r['generated_tokens']} tokens, slot "
+          f"utilization {r['slot_utilization']:.3f}, {r['tokens_per_s']:.0f} tokens/s (sampler)",
+          file=sys.stderr)
     if output:
         print(f"wrote {len(texts) * n} samples to {output}", file=sys.stderr)
 
