@@ -18,7 +18,7 @@ from r1zero_jax.analysis import has_self_reflection
 def rollout_metrics(batch, group_size: int) -> dict:
     """Reward, accuracy, lengths of correct vs incorrect responses, truncation, reflection share,
     grading timeouts and lost grader workers, the share of groups without learning signal, and the
-    sampler's report (decode steps, generated tokens, slot utilization, tokens/s)."""
+    sampler's report (decode steps, generated tokens, slot utilization)."""
     lengths = batch.lengths.astype(np.float64)
     good, bad = batch.correct, ~batch.correct
 
@@ -36,7 +36,9 @@ def rollout_metrics(batch, group_size: int) -> dict:
         "grader_timeouts": int(batch.grader_timed_out.sum()),
         "grader_worker_deaths": batch.grader_worker_deaths,
         **group_stats(batch.rewards, group_size),
-        **{f"rollout_{k}": v for k, v in batch.report.items()},
+        # the sampler's tokens/s is left to the trainer's gen_tokens_per_s (wall-clock figures
+        # keep that prefix or a time_ one)
+        **{f"rollout_{k}": v for k, v in batch.report.items() if k != "tokens_per_s"},
     }
 
 
