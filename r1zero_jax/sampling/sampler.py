@@ -324,7 +324,7 @@ class Call:
     plan: Plan
     graphdef: Any
     state: Any  # the serving copy of the weights
-    tokens: jax.Array  # int32 [Bp, Tpp]: B prompts padded to the batch shards and PROMPT_LEN_MULTIPLE
+    tokens: jax.Array  # int32 [Bp, Tpp]: B prompts, padded to the batch shards and the width
     mask: jax.Array  # bool [Bp, Tpp]
     key: jax.Array
     temperature: jax.Array
@@ -378,7 +378,8 @@ def prepare(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: 
     rep = shd.replicated(mesh)
     graphdef, state = nnx.split(model)
     return Call(plan=plan, graphdef=graphdef, state=serving_state(state, mesh, model.dtype),
-                tokens=shd.shard_batch(mesh, padded_tokens), mask=shd.shard_batch(mesh, padded_mask),
+                tokens=shd.shard_batch(mesh, padded_tokens),
+                mask=shd.shard_batch(mesh, padded_mask),
                 key=jax.device_put(key, rep),
                 temperature=jax.device_put(np.float32(params.temperature or 1.0), rep),
                 top_p=jax.device_put(np.float32(params.top_p), rep), tables=tables, finals=finals,
