@@ -37,22 +37,22 @@ def _same(a, b):
     np.testing.assert_array_equal(a.finish_reason, b.finish_reason)
 
 
-@pytest.mark.parametrize("spec,slot_counts", [
-    ("data=1", (4, 15, 21)), ("data=4,tensor=2", (16,)),
-    pytest.param("data=4,tensor=2", (4, 24), marks=pytest.mark.slow)])
-def test_rows_match_one_static_call_for_any_slot_count(spec, slot_counts):
-    """15 rows (5 prompts x 3) of varied lengths (stop ids, a stop string, the length limit):
-    fewer, as many and more slots than rows give the static call's rows exactly; slots reused
-    many times must reset their stop-string state and cache."""
+@pytest.mark.parametrize("spec,prompts,slot_counts", [
+    ("data=1", 5, (4, 15, 21)), ("data=4,tensor=2", 4, (12,)),
+    pytest.param("data=4,tensor=2", 4, (4, 16), marks=pytest.mark.slow)])
+def test_rows_match_one_static_call_for_any_slot_count(spec, prompts, slot_counts):
+    """15 or 12 rows (5 or 4 prompts x 3) of varied lengths (stop ids, a stop string, the length
+    limit): fewer, as many and more slots than rows give the static call's rows exactly; slots
+    reused many times must reset their stop-string state and cache."""
     mesh = make_mesh(spec, jax.devices()[:1] if spec == "data=1" else None)
     model = init_model(CONFIG, mesh, seed=1)
-    tokens, mask = _prompts()
+    tokens, mask = _prompts(prompts)
     params = SamplingParams(max_new_tokens=14, n=3, stop_token_ids=(5, 17, 40, 61),
                             stop_strings=("ab",))
     tok = LetterTokenizer()
     ref = sample(model, tokens, mask, params, seed=3, mesh=mesh, tokenizer=tok)
     lengths = set(ref.lengths.tolist())
-    assert len(lengths) >= 4 and max(lengths) == 14 and "stop" in ref.finish_reason  # a mix
+    assert len(lengths) >= 3 and max(lengths) == 14 and "stop" in ref.finish_reason  # a mix
     for slots in slot_counts:
         out = sample_continuous(model, tokens, mask, params, seed=3, mesh=mesh, slots=slots,
                                 tokenizer=tok)
