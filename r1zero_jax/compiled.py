@@ -4,7 +4,9 @@ With libtpu installed (the `tpu` or `test` extra), any host can compile for a TP
 have: `jax.experimental.topologies` describes the slice's devices, the mesh is built over them,
 and every program is lowered from ShapeDtypeStructs carrying NamedShardings, so nothing is
 allocated. The programs are the trainer's own: the learner's train step for one minibatch (with
-its accumulation, remat and logits chunking), the sampler's prefill and its decode loop.
+its accumulation, remat and logits chunking), the sampler's prefill and its decode loop (with
+`sampling.decode_slots`, continuous batching's: the prefill of the whole rollout's prompts with
+the first fill of the slots, and the loop that refills them).
 
 Figures are per chip and come from XLA: `memory_analysis` (argument, output, alias, temporary
 bytes), `cost_analysis` (which counts each loop body once: the decode program's figures are one
@@ -284,7 +286,8 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
     if "prefill" in programs or "decode" in programs:
         rep = shd.replicated(mesh)
         shards = shd.axis_size(mesh, "batch")
-        prompts = s.prompts_per_call or cfg.prompts_per_rollout
+        prompts = cfg.prompts_per_rollout if s.decode_slots else (
+            s.prompts_per_call or cfg.prompts_per_rollout)
         rows = lambda dt: jax.ShapeDtypeStruct(  # noqa: E731
             (-(-prompts // shards) * shards, sampler.prompt_width(tp)), dt,
             sharding=shd.logical_sharding(mesh, ("batch", None)))
@@ -298,6 +301,7 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
         abs_state.replace_by_pure_dict(params)
         abs_state = sampler.serving_state(abs_state, mesh, dtype)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+        int_scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
         key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)  # the trainer's raw key
         tables = finals = None
         if stop_strings:
@@ -306,13 +310,23 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
                                           jnp.int32, sharding=rep)
             finals = jax.ShapeDtypeStruct((len(stop_strings),), jnp.int32, sharding=rep)
         static = dict(graphdef=graphdef, plan=plan)
-        lowered, compiled = run("prefill", lambda: sampler.prefill.lower(
-            abs_state, rows(jnp.int32), rows(bool), key, scalar, scalar, tables, finals,
-            **static), resident_bytes=resident)
+        if s.decode_slots:
+            from r1zero_jax.sampling import continuous
+
+            slots = -(-s.decode_slots // shards) * shards
+            start = lambda: continuous.start.lower(  # noqa: E731
+                abs_state, rows(jnp.int32), rows(bool), key, int_scalar, slots=slots, **static)
+            loop_fn = continuous.run
+        else:
+            start = lambda: sampler.prefill.lower(  # noqa: E731
+                abs_state, rows(jnp.int32), rows(bool), key, int_scalar, scalar, scalar, tables,
+                finals, **static)
+            loop_fn = sampler.decode
+        lowered, compiled = run("prefill", start, resident_bytes=resident)
         if "decode" in programs:
             loop = shd.abstract(lowered.out_info, compiled.output_shardings)
-            run("decode", lambda: sampler.decode.lower(abs_state, loop, scalar, scalar, tables,
-                                                       finals, **static), resident_bytes=resident)
+            run("decode", lambda: loop_fn.lower(abs_state, loop, scalar, scalar, tables, finals,
+                                                **static), resident_bytes=resident)
         if "prefill" not in programs:
             out.pop("prefill")
     return out

@@ -84,6 +84,9 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     prompts_per_call: int = 0  # prompts per sampler call (0: the whole rollout at once)
+    # > 0: continuous batching, this many decode slots over the whole rollout (a slot takes the
+    # next row as soon as its row ends); prompts_per_call is then unused. 0: static calls.
+    decode_slots: int = 0
 
 
 @dataclass(frozen=True)
@@ -350,7 +353,7 @@ RANGES: dict[str, Range] = {
     "data.max_prompt_tokens": _POS_INT, "data.seed": _NONNEG,
     "sampling.max_new_tokens": _POS_INT, "sampling.temperature": _NONNEG,
     "sampling.top_p": Range(0, 1, lo_open=True), "sampling.top_k": _NONNEG,
-    "sampling.prompts_per_call": _NONNEG,
+    "sampling.prompts_per_call": _NONNEG, "sampling.decode_slots": _NONNEG,
     "rl.group_size": Range(2), "rl.rollout_batch_size": _POS_INT, "rl.clip_low": _UNIT_OPEN,
     "rl.clip_high": _NONNEG, "rl.kl_beta": _NONNEG, "rl.epochs_per_rollout": _POS_INT,
     "optim.learning_rate": _NONNEG, "optim.b1": _UNIT_OPEN, "optim.b2": _UNIT_OPEN,

@@ -12,7 +12,9 @@ Counts, per device, what lives in HBM during the two phases of an RL step and ta
   sample    the sampler's copy of the weights in the compute dtype, the KV cache [L, B, S, K, H]
             of one sampler call (prompts_per_call x group_size sequences, S = prompt +
             max_new_tokens) in the compute dtype, the decode logits, and one layer's
-            all-gathered weights (prefill)
+            all-gathered weights (prefill); with continuous batching (sampling.decode_slots)
+            the cache of the decode slots plus the prompt caches of the whole rollout, and
+            `decode_slots_max`, the most slots that fit
 Estimates, not XLA's numbers: a plan "fits" when the peak stays under FIT_FRACTION of HBM, leaving
 room for XLA's scratch buffers and fragmentation. `plan --compile` (compiled.py) replaces them
 with XLA's own figures for the real programs; on the paper's recipes the learn phase estimate is
@@ -90,7 +92,7 @@ class Workload:
     train_batch: int  # sequences per forward/backward (train.microbatch_size)
     train_len: int  # prompt + response positions in the learner
     accumulation_steps: int  # microbatches per optimizer step (1: no accumulation buffer)
-    sample_batch: int  # sequences per sampler call (prompts_per_call x group_size)
+    sample_batch: int  # sequences per sampler call (prompts_per_call x group_size), or slots
     sample_len: int  # KV cache slots: prompt + max_new_tokens
     response_len: int  # positions whose logits the learner computes (max_new_tokens)
     logits_chunk: int = 0  # LM head over this many positions at once (0: all)
@@ -99,6 +101,8 @@ class Workload:
     dtype: str = "bfloat16"  # compute dtype (activations, KV cache)
     reference_model: bool = False  # kl_beta > 0 keeps a frozen copy of the params
     rollout_sequences: int = 0  # sequences per RL step (for the token budget)
+    prompt_cache_batch: int = 0  # continuous batching: prompts whose prefilled cache is kept
+    prompt_len: int = 0  # their cache slots
 
 
 def _rule_axes(logical: str | None) -> tuple[str, ...]:
@@ -135,7 +139,7 @@ def mesh_problems(config, mesh: dict[str, int], w: Workload | None = None) -> li
     dims = {"heads": config.num_heads, "kv_heads": config.num_kv_heads,
             "vocab": config.vocab_size, "mlp": config.intermediate_size,
             "embed": config.hidden_size}
-    if w is not None:
+    if w is not None and not w.prompt_cache_batch:  # decode slots are rounded up instead
         dims_batch = {"train batch (train.microbatch_size)": w.train_batch,
                       "sampler batch (prompts_per_call x group_size)": w.sample_batch}
     else:
@@ -186,7 +190,9 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
     activations = act_remat if w.remat else act_full
 
     bs = w.sample_batch / batch_shards
-    kv_cache = 2 * L * bs * w.sample_len * kt * H * cb
+    kv_token = 2 * L * kt * H * cb  # one cache slot of one row, k and v, every layer
+    prompt_cache = w.prompt_cache_batch / batch_shards * w.prompt_len * kv_token
+    kv_cache = bs * w.sample_len * kv_token + prompt_cache
     sample_logits = 2 * bs * vt * 4  # decode logits and the filtered distribution, float32
 
     # The optimizer update runs after the last microbatch: gradients plus an `updates` tree.
@@ -203,6 +209,11 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
         "serving_weights": serving,
         "learn_phase": resident + learn, "sample_phase": resident + sample, "peak": peak,
     }
+    # Continuous batching: the most decode slots (a multiple of the batch shards) whose cache
+    # and logits fit beside everything else of the sample phase.
+    per_slot = (w.sample_len * kv_token + 2 * vt * 4) / batch_shards
+    room = FIT_FRACTION * hbm_bytes - resident - serving - gathered - prompt_cache
+    slots_max = int(max(0, room) // per_slot) // batch_shards * batch_shards
     per_device = {k: int(round(v)) for k, v in per_device.items()}
     problems = mesh_problems(config, mesh, w)
     fits = not problems and peak <= FIT_FRACTION * hbm_bytes
@@ -213,7 +224,7 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
     }
     out = {"num_params": num_params, "mesh": dict(mesh), "per_device_bytes": per_device,
            "hbm_bytes": int(hbm_bytes), "fits": bool(fits), "mesh_problems": problems,
-           "token_budget": tokens}
+           "token_budget": tokens, "decode_slots_max": slots_max}
     out["advice"] = advice(out, w, hbm_bytes)
     return out
 
@@ -247,7 +258,8 @@ def advice(plan: dict, w: Workload, hbm_bytes: int) -> list[str]:
             tips.append(f"lower train.microbatch_size (now {w.train_batch}, {b} per device); "
                         "gradients accumulate over more microbatches")
     else:
-        tips.append(f"lower sampling.prompts_per_call (KV cache {_gib(d['kv_cache'])} per device)")
+        tips.append(f"lower sampling.prompts_per_call or sampling.decode_slots (KV cache "
+                    f"{_gib(d['kv_cache'])} per device)")
     return tips
 
 
@@ -260,10 +272,15 @@ def workload_from_config(cfg) -> Workload:
     s, rl = cfg.sampling, cfg.rl
     prompts = s.prompts_per_call or cfg.prompts_per_rollout
     length = cfg.data.max_prompt_tokens + s.max_new_tokens
+    continuous = {}
+    if s.decode_slots:
+        continuous = dict(prompt_cache_batch=cfg.prompts_per_rollout,
+                          prompt_len=cfg.data.max_prompt_tokens)
     return Workload(
         train_batch=cfg.microbatch, train_len=length,
         accumulation_steps=cfg.train.minibatch_size // cfg.microbatch,
-        sample_batch=prompts * rl.group_size, sample_len=length, response_len=s.max_new_tokens,
+        sample_batch=s.decode_slots or prompts * rl.group_size, sample_len=length,
+        response_len=s.max_new_tokens, **continuous,
         logits_chunk=cfg.train.logits_chunk, remat=cfg.model.remat,
         param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
         reference_model=rl.kl_beta > 0, rollout_sequences=rl.rollout_batch_size)
@@ -341,6 +358,8 @@ def format_plan(p: dict) -> str:
     lines.append(f"  tokens: {tb['train_tokens_per_device_microbatch']:,} per device per "
                  f"microbatch, {tb['sample_tokens_per_device_call']:,} KV slots per device per "
                  f"sampler call, up to {tb['rollout_max_tokens']:,} per rollout")
+    lines.append(f"  continuous batching: up to sampling.decode_slots={p['decode_slots_max']:,} "
+                 "fit")
     verdict = ("fits" if p["fits"] else "cannot run on this mesh" if p["mesh_problems"]
                else "does NOT fit")
     lines.append(f"  HBM {_gib(p['hbm_bytes'])} per chip: peak {_gib(d['peak'])} "
@@ -396,7 +415,8 @@ def compile_plan(cfg, topology: str | None = None, printer=print) -> dict[str, A
         tips.append("lower train.microbatch_size, set model.remat=True / train.logits_chunk=512, "
                     "or raise fsdp in mesh.spec")
     if over.keys() & {"prefill", "decode"}:
-        tips.append("lower sampling.prompts_per_call (the KV cache of one sampler call)")
+        tips.append("lower sampling.prompts_per_call or sampling.decode_slots (the KV cache of "
+                    "the sampler)")
     if over and programs["learn"]["argument_bytes"] > 0.5 * budget:
         tips.append("params and optimizer state take most of HBM: raise fsdp or use a larger slice")
     return {"config": cfg.name, "topology": topo.name, "num_devices": topo.chips,

@@ -188,3 +188,29 @@ def test_trainer_optimizer_state_sharded_like_params_fresh_and_restored(tmp_path
             for p, m in zip(params, jax.tree.leaves(moments)):
                 assert m.sharding.spec == p.sharding.spec, (p.shape, p.sharding.spec)
                 assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
+
+
+def test_continuous_batching_compiles_for_v4_8_and_moves_no_weights():
+    """sampling.decode_slots: the prefill of every prompt of the rollout with the first fill of
+    the slots, and the refilling decode loop, compiled for a v4-8: within HBM, and a decode step
+    moves neither a weight matrix nor [rows, V] logits nor the rollout's [R, M] output buffers."""
+    from r1zero_jax.sharding import make_mesh
+
+    cfg = load_config("qwen2_5_math_1_5b_dr_grpo",
+                      TINY_MODEL + TINY_RUN + ["sampling.decode_slots=10"])
+    mesh = make_mesh(cfg.mesh.spec, _tpu_devices("v4-8"))
+    qc = plan_lib.qwen_config_of(cfg)
+    kept = {}
+    out = comp.compile_programs(cfg, qc, mesh, programs=("prefill", "decode"),
+                                printer=lambda *a, **k: None, keep=kept)
+    (_, loop, *_), _ = kept["decode"].args_info
+    assert loop.row.shape == (12,) and loop.tokens.shape == (32, 128)  # slots rounded to 4 shards
+    assert loop.cache.k[0].shape == (12, 2, 64, 64 + 128)  # [S, K, H, Tp + M]
+    for name in ("prefill", "decode"):
+        assert 0 < out[name]["peak_bytes"] < 0.9 * 32 * 2**30
+    decode = comp.collectives(kept["decode"].as_text(), top=10**6)
+    query_kernel = 2 * qc.hidden_size * qc.num_heads * qc.head_dim
+    for c in decode["largest"]:
+        assert c["bytes"] < query_kernel, c
+        assert str(qc.vocab_size) not in c["shape"], c
+        assert "[32,128]" not in c["shape"], c

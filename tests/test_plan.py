@@ -110,3 +110,22 @@ def test_plan_cli_json(capsys):
 def test_bad_topology_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown TPU topology"):
         plan_lib.plan_config(load_config("qwen2_5_math_7b_dr_grpo"), "v9-64")
+
+
+def test_continuous_batching_kv_cache_and_slots_that_fit():
+    """sampling.decode_slots: the slots' cache plus the prompt caches of the whole rollout, by
+    hand; decode_slots_max slots fill the sample phase up to the fit limit and no further."""
+    over = ["sampling.decode_slots=256"]
+    cfg = load_config("qwen2_5_math_7b_dr_grpo", over)
+    p = plan_lib.plan_config(cfg, "v4-64")
+    d = p["per_device_bytes"]
+    slot = 2 * L * (K // 2) * H * 2  # one cache slot of one row: k and v, 28 layers, bf16
+    prompts = cfg.prompts_per_rollout  # 1024 / 8 = 128 prompts of 512 slots, over 16 shards
+    assert d["kv_cache"] == 256 // 16 * 3512 * slot + prompts // 16 * 512 * slot
+    top = p["decode_slots_max"]
+    assert top % 16 == 0 and top > 256
+    limit = plan_lib.FIT_FRACTION * p["hbm_bytes"]
+    at = lambda s: plan_lib.plan_config(  # noqa: E731
+        load_config("qwen2_5_math_7b_dr_grpo", [f"sampling.decode_slots={s}"]),
+        "v4-64")["per_device_bytes"]["sample_phase"]
+    assert at(top) <= limit < at(top + 16)

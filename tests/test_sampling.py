@@ -259,7 +259,8 @@ def test_stop_string_table_from_byte_level_pieces():
 
 def _draws(logits, plan, temperature=1.0, top_p=1.0, rows=20000):
     batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (rows, len(logits)))
-    choose = jax.jit(lambda x, t, p: _choose(x, jax.random.key(0), 3, t, p, plan)[0])
+    steps, ids = jnp.full((rows,), 3, jnp.int32), jnp.arange(rows, dtype=jnp.int32)
+    choose = jax.jit(lambda x, t, p: _choose(x, jax.random.key(0), steps, ids, t, p, plan)[0])
     return np.asarray(choose(batch, temperature, top_p))
 
 

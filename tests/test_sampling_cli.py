@@ -1,6 +1,7 @@
 """`r1zero-jax generate` end to end, and stop strings on a real byte-level BPE tokenizer."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,7 +100,12 @@ def test_generate_cli_writes_jsonl_and_prints(model_dir, tmp_path, capsys):
         assert row["text"] == want
         assert row["finish_reason"] == ("length" if len(row["token_ids"]) == 6 else "stop")
     assert rows[0]["token_ids"] != rows[1]["token_ids"]  # two samples of one prompt
-    capsys.readouterr()
+    # the per-rollout report: one call of 2 prompts padded to the 8 batch shards, 2 samples each
+    lengths = [len(r["token_ids"]) for r in rows]
+    report = re.search(r"generate: (\d+) decode steps, (\d+) tokens, slot utilization ([\d.]+)",
+                       capsys.readouterr().err)
+    assert (int(report[1]), int(report[2])) == (max(lengths), sum(lengths))
+    assert float(report[3]) == pytest.approx(sum(lengths) / (8 * 2 * max(lengths)), abs=1e-3)
     # printed texts, same seed: the same completions
     assert cli.main(args) == 0
     printed = capsys.readouterr().out

@@ -60,7 +60,8 @@ class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     valid: jax.Array
-    index: jax.Array
+    index: jax.Array  # int32 []: one slot for every row, or [B]: each row's own (continuous
+    #                   batching, where rows sit at different lengths)
 
     K_AXES = ("batch", "kv_heads", "head_dim", "cache_length")
     V_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
@@ -85,12 +86,22 @@ class KVCache:
     def logical_axes(self) -> "KVCache":
         return KVCache(k=tuple(KVCache.K_AXES for _ in self.k),
                        v=tuple(KVCache.V_AXES for _ in self.v), valid=("batch", "cache_length"),
-                       index=())
+                       index=("batch",) if self.index.ndim else ())
 
     def shardings(self, mesh: Mesh) -> "KVCache":
         return jax.tree.map(lambda axes: shd.logical_sharding(mesh, axes), self.logical_axes(),
                             is_leaf=lambda x: isinstance(x, tuple) and all(
                                 isinstance(a, (str, type(None))) for a in x))
+
+
+def write_slots(cache, new, index, axis: int):
+    """`new` (T slots along `axis`) written into `cache` from slot `index`: int32 [] for every
+    row, or [B] for each row its own (a per-row scatter)."""
+    new = new.astype(cache.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(
+            cache, new, tuple(index if a == axis else 0 for a in range(cache.ndim)))
+    return jax.vmap(lambda c, x, i: write_slots(c, x, i, axis - 1))(cache, new, index)
 
 
 # -- layers ------------------------------------------------------------------------------------
@@ -158,7 +169,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, key_valid, key_slot, query_slot, kv=None, index=None):
-        """x [B,T,D]; key_valid [B,S]; key_slot [S]; query_slot [T].
+        """x [B,T,D]; key_valid [B,S]; key_slot [S]; query_slot [T] (or [B,T] with a per-row
+        cache index).
 
         Without a cache S == T. With a cache (kv = (k [B,K,H,S], v [B,K,S,H]) of this layer),
         the new keys are written at slots index..index+T-1 and the updated (k, v) are returned.
@@ -178,16 +190,15 @@ class Attention(nnx.Module):
         k_spec = v_spec = "BSKH"
         if kv is not None:
             cache_k, cache_v = kv
-            k = jax.lax.dynamic_update_slice(
-                cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), (0, 0, 0, index))
-            v = jax.lax.dynamic_update_slice(
-                cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, index, 0))
+            k = write_slots(cache_k, k.transpose(0, 2, 3, 1), index, axis=3)
+            v = write_slots(cache_v, v.transpose(0, 2, 1, 3), index, axis=2)
             kv, k_spec, v_spec = (k, v), "BKHS", "BKSH"
         b, t = x.shape[:2]
         g = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
-        allowed = key_valid[:, None, None, None, :] & (
-            key_slot[None, :] <= query_slot[:, None])[None, None, None]
+        causal = key_slot <= query_slot[..., None]  # [T,S], or [B,T,S] with per-row slots
+        allowed = key_valid[:, None, None, None, :] & causal.reshape(
+            (-1, 1, 1) + causal.shape[-2:])
         # Queries go heads-first ([B,K,G,T,H]) so that the scores leave the dot in softmax order
         # (else XLA:CPU transposes them: half of a long prefill). Decode (T = 1) drops the T
         # axis: XLA:CPU then picks kernels that read the cache about 1.3x faster.
@@ -262,8 +273,8 @@ class Decoder(nnx.Module):
             key_valid, key_slot, query_slot = mask, jnp.arange(t), jnp.arange(t)
         else:
             s = cache.valid.shape[1]
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-            key_slot, query_slot = jnp.arange(s), cache.index + jnp.arange(t)
+            key_valid = write_slots(cache.valid, mask, cache.index, axis=1)
+            key_slot, query_slot = jnp.arange(s), cache.index[..., None] + jnp.arange(t)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])

@@ -18,7 +18,8 @@ from r1zero_jax.analysis import has_self_reflection
 def rollout_metrics(rollout, scores, rewards: np.ndarray, group_size: int) -> dict:
     """Reward (`rewards`, what the learner sees), accuracy (solved by the task's scores), lengths
     of correct vs incorrect responses, truncation, reflection share, grading timeouts and lost
-    grader workers, and the share of groups without learning signal."""
+    grader workers, the share of groups without learning signal, and the sampler's report
+    (decode steps, generated tokens, slot utilization)."""
     lengths = rollout.lengths.astype(np.float64)
     good, bad = scores.correct, ~scores.correct
 
@@ -36,6 +37,9 @@ def rollout_metrics(rollout, scores, rewards: np.ndarray, group_size: int) -> di
         "grader_timeouts": int(scores.timed_out.sum()),
         "grader_worker_deaths": scores.worker_deaths,
         **group_stats(rewards, group_size),
+        # the sampler's tokens/s is left to the trainer's gen_tokens_per_s (wall-clock figures
+        # keep that prefix or a time_ one)
+        **{f"rollout_{k}": v for k, v in rollout.report.items() if k != "tokens_per_s"},
     }
 
 

@@ -408,7 +408,8 @@ class Trainer:
         rollout = generate(self.bind(state.params), batch["prompt_tokens"], params,
                            tokenizer=self.tokenizer, mesh=self.mesh,
                            seed=jax.random.fold_in(jax.random.PRNGKey(c.train.seed), step),
-                           prompts_per_call=c.sampling.prompts_per_call)
+                           prompts_per_call=c.sampling.prompts_per_call,
+                           decode_slots=c.sampling.decode_slots)
         t1 = time.perf_counter()
         answers = [a for a in batch["answers"] for _ in range(c.rl.group_size)]
         scores = tasks.score(self.task, pool, rollout.texts, answers)

@@ -84,11 +84,15 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
               flush=True)
 
     try:
-        generate(net, prompt_ids, params, tokenizer=tokenizer, mesh=the_mesh,
-                 seed=seed, prompts_per_call=CHUNK_PROMPTS, on_call=emit)
+        ro = generate(net, prompt_ids, params, tokenizer=tokenizer, mesh=the_mesh, seed=seed,
+                      prompts_per_call=CHUNK_PROMPTS, on_call=emit)
     finally:
         if out:
             out.close()
+    r = ro.report
+    print(f"generate: {r['decode_steps']} decode steps, {r['generated_tokens']} tokens, slot "
+          f"utilization {r['slot_utilization']:.3f}, {r['tokens_per_s']:.0f} tokens/s (sampler)",
+          file=sys.stderr)
     if output:
         print(f"wrote {len(texts) * n} samples to {output}", file=sys.stderr)
 

@@ -4,11 +4,13 @@ RL rollouts, the trainer's held-out eval, `r1zero-jax eval` and `r1zero-jax gene
 `generate`. It owns what every caller used to do its own way:
 
 - chunking: `prompts_per_call` prompts per sampler call, the last call topped up with copies of
-  its last prompt (dropped on return), so one prompt count compiles;
+  its last prompt (dropped on return), so one prompt count compiles; or continuous batching
+  over `decode_slots` slots;
 - padding: one width rule (`sampler.prompt_width`) per call; the returned prompt arrays are
   left-padded to the widest call (the learner's input width);
-- randomness: call c samples under fold_in(key, c); the sampler derives each row's stream from
-  that key, the row and the step, so results do not depend on the mesh or the padding;
+- randomness: one key for the whole rollout; the sampler derives each row's stream from it,
+  the row's index in the rollout and the step, so results depend neither on the calls, the
+  slots (continuous batching), the mesh nor the padding;
 - `SamplingParams` from a run config (`sampling_params`).
 """
 
@@ -20,7 +22,8 @@ import jax
 import numpy as np
 
 from r1zero_jax.data.pipeline import left_pad
-from r1zero_jax.sampling.sampler import Rollout, SamplingParams, prompt_width, sample
+from r1zero_jax.sampling.sampler import (Rollout, SamplingParams, prompt_width, rollout_report,
+                                         sample)
 
 
 def sampling_params(s, *, n: int, stop_strings: Sequence[str] = (), greedy: bool = False,
@@ -42,12 +45,17 @@ def pad_id(tokenizer) -> int:
 
 
 def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingParams, *, tokenizer,
-             mesh, seed: Any, prompts_per_call: int = 0,
+             mesh, seed: Any, prompts_per_call: int = 0, decode_slots: int = 0,
              on_call: Callable[[int, Rollout], None] | None = None) -> Rollout:
     """`params.n` samples of each prompt (token lists, no padding), row p*n + j being sample j
-    of prompt p; `prompts_per_call` 0 samples all prompts in one call. `seed`: an int or a JAX
-    key. `on_call(first_prompt, rollout)` sees each call's rollout as it finishes (progress,
-    grading while the next call samples)."""
+    of prompt p. `decode_slots` > 0: one continuous batch over all rows on that many slots
+    (sampling/continuous.py); else static calls of `prompts_per_call` prompts (0: all in one).
+    Both give every row the same tokens: one key, each row's stream keyed by its index in the
+    rollout. `seed`: an int or a JAX key. `on_call(first_prompt, rollout)` sees each call's
+    rollout as it finishes (progress, grading while the next call samples). The returned
+    Rollout's `report` is `sampler.rollout_report` over the calls."""
+    from r1zero_jax.sampling.continuous import sample_continuous
+
     if not len(prompt_tokens):
         raise ValueError("generate needs at least one prompt")
     empty = [i for i, p in enumerate(prompt_tokens) if not len(p)]
@@ -55,18 +63,30 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingPara
         raise ValueError(f"prompts {empty[:10]} have no tokens")
     # A raw uint32 key: a typed key made from an int cannot be placed on a multi-process mesh.
     key = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
-    count = len(prompt_tokens)
-    per_call = min(prompts_per_call or count, count)
+    # fold_in(key, 0) is what a one-call rollout always drew under: its samples stay as they were.
+    key = jax.random.fold_in(key, 0)
+    count, pad = len(prompt_tokens), pad_id(tokenizer)
     parts = []
-    for c, start in enumerate(range(0, count, per_call)):
-        batch = [prompt_tokens[i]
-                 for i in np.minimum(np.arange(start, start + per_call), count - 1)]
-        ptok, pmask = left_pad(batch, pad_id(tokenizer), prompt_width(max(map(len, batch))))
-        out = sample(model, ptok, pmask, params, seed=jax.random.fold_in(key, c), mesh=mesh,
-                     tokenizer=tokenizer)
-        real = min(per_call, count - start) * params.n
-        out = out.take(slice(0, real)) if real < out.size else out
+    if decode_slots:
+        ptok, pmask = left_pad(prompt_tokens, pad, prompt_width(max(map(len, prompt_tokens))))
+        parts.append(sample_continuous(model, ptok, pmask, params, seed=key, mesh=mesh,
+                                       slots=decode_slots, tokenizer=tokenizer))
         if on_call is not None:
-            on_call(start, out)
-        parts.append(out)
-    return parts[0] if len(parts) == 1 else Rollout.concat(parts)
+            on_call(0, parts[0])
+    else:
+        per_call = min(prompts_per_call or count, count)
+        for start in range(0, count, per_call):
+            batch = [prompt_tokens[i]
+                     for i in np.minimum(np.arange(start, start + per_call), count - 1)]
+            ptok, pmask = left_pad(batch, pad, prompt_width(max(map(len, batch))))
+            out = sample(model, ptok, pmask, params, seed=key, mesh=mesh, tokenizer=tokenizer,
+                         row_offset=start * params.n)
+            real = min(per_call, count - start) * params.n
+            out = out.take(slice(0, real)) if real < out.size else out
+            if on_call is not None:
+                on_call(start, out)
+            parts.append(out)
+    rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts)
+    # Slot utilization counts the copies that top up a last static call as idle slots.
+    rollout.report = rollout_report([p.timings for p in parts], int(rollout.lengths.sum()))
+    return rollout

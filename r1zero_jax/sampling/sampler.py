@@ -10,9 +10,10 @@ M = max_new_tokens, S = Tp + M cache slots, V vocab.
   state (KV cache, output buffers) is donated from prefill to decode.
 - Batch rows are sharded over (data, fsdp) and the cache's kv heads over tensor; a prompt batch
   that does not divide the batch shards is padded with dummy rows, dropped on return.
-- Randomness: the token of row r at step i is drawn by inverse CDF (categorical.py) from one
-  uniform number under key fold_in(fold_in(key(seed), i), r), so a row's sample does not depend
-  on the batch size, the padding or the mesh.
+- Randomness: token i of rollout row r is drawn by inverse CDF (categorical.py) from one
+  uniform number under key fold_in(fold_in(key(seed), i), r), r counted from `row_offset`, so a
+  row's sample does not depend on the batch size, the padding, the mesh, how the rollout is split
+  into calls, or (continuous.py) the decode slot and step it runs in.
 - Log-probs: `logprobs[r, i]` = log_softmax(logits / temperature)[token], the temperature-scaled
   distribution BEFORE top-k/top-p filtering (what a learner computing log pi(a|s) from logits /
   temperature reproduces; at temperature 1 it is the model's own log-prob). Greedy (temperature
@@ -90,9 +91,13 @@ class Rollout:
     finish_reason: np.ndarray  # str [B*n]: 'stop' or 'length'
     texts: list[str] | None = None  # decoded, cut after a stop string (with a tokenizer)
     logits: np.ndarray | None = None  # float32 [B*n, M, V] with sample(..., return_logits=True)
-    timings: dict = dataclasses.field(default_factory=dict)  # prefill_s, decode_s, decode_steps
+    # prefill_s, decode_s, decode_steps (iterations of the decode loop), token_steps (passes that
+    # choose a token: the prefill chooses the first in a static call), slots (rows decoded side by
+    # side): see `rollout_report`
+    timings: dict = dataclasses.field(default_factory=dict)
     prompt_tokens: np.ndarray | None = None  # int32 [B*n, Tp] left-padded, repeated per sample
     prompt_mask: np.ndarray | None = None  # bool [B*n, Tp]
+    report: dict = dataclasses.field(default_factory=dict)  # rollout_report, by generation.py
 
     @property
     def size(self) -> int:
@@ -158,6 +163,7 @@ class _Loop:
     step: jax.Array  # int32 []: tokens generated so far (the next column)
     last: jax.Array  # int32 [R]: the last sampled token
     pos: jax.Array  # int32 [R]: its position
+    rows: jax.Array  # int32 [R]: each row's index in the rollout (its random stream)
     tokens: jax.Array  # int32 [R, M]
     logprobs: jax.Array  # float32 [R, M]
     lengths: jax.Array  # int32 [R]
@@ -176,13 +182,14 @@ def _constrain_cache(cache: KVCache, mesh: Mesh) -> KVCache:
     return jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
 
 
-def _choose(logits, key, step, temperature, top_p, plan: Plan):
-    """logits [R,V] float32, vocab-sharded -> (token [R] int32, log-prob [R] float32)."""
-    rows = jnp.arange(logits.shape[0], dtype=jnp.uint32)
+def _choose(logits, key, steps, rows, temperature, top_p, plan: Plan):
+    """logits [R,V] float32, vocab-sharded; steps [R] (each row's token index), rows [R] (each
+    row's index in the rollout) -> (token [R] int32, log-prob [R] float32)."""
     if plan.greedy:  # no random numbers to draw
         u = jnp.ones(rows.shape, jnp.float32)
     else:
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step), rows)
+        keys = jax.vmap(lambda i, r: jax.random.fold_in(jax.random.fold_in(key, i), r))(
+            steps, rows.astype(jnp.uint32))
         u = 1.0 - jax.vmap(jax.random.uniform)(keys)  # (0, 1]
     if plan.greedy or not (plan.top_k or plan.use_top_p):
         return vocab_parallel.choose(logits, u, temperature, greedy=plan.greedy, mesh=plan.mesh)
@@ -197,20 +204,25 @@ def _choose(logits, key, step, temperature, top_p, plan: Plan):
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
+def _stop_hit(token, stop_state, tables, finals, plan: Plan):
+    """token [R] -> (hit [R]: a stop id, or the end of a stop string; the new KMP states)."""
+    hit = jnp.zeros(token.shape, bool)
+    if plan.stop_token_ids:
+        hit = jnp.isin(token, jnp.asarray(plan.stop_token_ids, jnp.int32))
+    if plan.num_stop_strings:
+        which = jnp.arange(plan.num_stop_strings)[None, :]
+        stop_state = tables[which, token[:, None], stop_state]  # [R, num_strings]
+        hit = hit | jnp.any(stop_state == finals[None, :], axis=-1)
+    return hit, stop_state
+
+
 def _advance(loop: _Loop, token, logp, logits, tables, finals, plan: Plan) -> _Loop:
     """Record the token of step `loop.step` for rows not yet done; update stops."""
     i, active = loop.step, ~loop.done
     if plan.return_logits:
         loop = loop.replace(logits=jax.lax.dynamic_update_slice(
             loop.logits, logits[:, None].astype(jnp.float32), (0, i, 0)))
-    hit = jnp.zeros_like(active)
-    if plan.stop_token_ids:
-        hit = jnp.isin(token, jnp.asarray(plan.stop_token_ids, jnp.int32))
-    stop_state = loop.stop_state
-    if plan.num_stop_strings:
-        which = jnp.arange(plan.num_stop_strings)[None, :]
-        stop_state = tables[which, token[:, None], stop_state]  # [R, num_strings]
-        hit = hit | jnp.any(stop_state == finals[None, :], axis=-1)
+    hit, stop_state = _stop_hit(token, loop.stop_state, tables, finals, plan)
     stopped_now = active & hit
     rows = plan.mesh, ("batch", None)
     return loop.replace(
@@ -228,12 +240,11 @@ def _advance(loop: _Loop, token, logp, logits, tables, finals, plan: Plan) -> _L
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
-def prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, graphdef, plan):
-    """Prefill the B prompts once, repeat their cache n times, sample the first token."""
-    model = nnx.merge(graphdef, state)
+def prefill_prompts(model, tokens, mask, plan: Plan):
+    """tokens, mask [B, Tp] -> (the prompts' KVCache [B, ..., Tp], final-normed h of each last
+    prompt token [B, D]), in chunks of plan.prefill_chunk tokens."""
     b, tp = tokens.shape
-    n, m, mesh = plan.n, plan.max_new_tokens, plan.mesh
+    mesh = plan.mesh
     cache = _constrain_cache(KVCache.init(model.config, b, tp, model.dtype), mesh)
     positions = positions_from_mask(mask)
     chunk = min(tp, plan.prefill_chunk)  # tp is a multiple of it
@@ -246,7 +257,17 @@ def prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, gra
         return _constrain_cache(cache, mesh), h[:, -1]
 
     h0 = jnp.zeros((b, model.config.hidden_size), model.dtype)
-    cache, h = jax.lax.fori_loop(0, tp // chunk, prefill_chunk, (cache, h0))
+    return jax.lax.fori_loop(0, tp // chunk, prefill_chunk, (cache, h0))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def prefill(state, tokens, mask, key, row_offset, temperature, top_p, tables, finals, *,
+            graphdef, plan):
+    """Prefill the B prompts once, repeat their cache n times, sample the first token."""
+    model = nnx.merge(graphdef, state)
+    b = tokens.shape[0]
+    n, m, mesh = plan.n, plan.max_new_tokens, plan.mesh
+    cache, h = prefill_prompts(model, tokens, mask, plan)
     with shd.activation_mesh(mesh):  # left padding: the last column is real in every row
         logits = model.logits(h[:, None])[:, 0]
     cache = _constrain_cache(cache.extend(n, m), mesh)
@@ -256,6 +277,7 @@ def prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, gra
     loop = _Loop(
         cache=cache, step=jnp.zeros((), jnp.int32), last=batch(jnp.zeros((r,), jnp.int32)),
         pos=batch(rep(jnp.sum(mask, axis=-1, dtype=jnp.int32), axis=0) - 1),
+        rows=batch(row_offset + jnp.arange(r, dtype=jnp.int32)),
         tokens=batch(jnp.zeros((r, m), jnp.int32)), logprobs=batch(jnp.zeros((r, m), jnp.float32)),
         lengths=batch(jnp.zeros((r,), jnp.int32)), done=batch(jnp.zeros((r,), bool)),
         stopped=batch(jnp.zeros((r,), bool)),
@@ -263,7 +285,8 @@ def prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, gra
         logits=batch(jnp.zeros((r, m, logits.shape[-1]), jnp.float32)) if plan.return_logits
         else None)
     logits = _constrain(rep(logits, axis=0), mesh, vocab_parallel.LOGIT_AXES)
-    token, logp = _choose(logits, key, 0, temperature, top_p, plan)
+    token, logp = _choose(logits, key, jnp.zeros((r,), jnp.int32), loop.rows, temperature, top_p,
+                          plan)
     return _advance(loop, token, logp, logits, tables, finals, plan)
 
 
@@ -278,7 +301,8 @@ def decode(state, loop, temperature, top_p, tables, finals, *, graphdef, plan):
         with shd.activation_mesh(plan.mesh):
             h, cache = model.hidden_states(loop.last[:, None], loop.pos[:, None], one, loop.cache)
             logits = _constrain(model.logits(h)[:, 0], plan.mesh, vocab_parallel.LOGIT_AXES)
-        token, logp = _choose(logits, loop.key, loop.step, temperature, top_p, plan)
+        token, logp = _choose(logits, loop.key, jnp.broadcast_to(loop.step, (r,)), loop.rows,
+                              temperature, top_p, plan)
         loop = loop.replace(cache=_constrain_cache(cache, plan.mesh))
         return _advance(loop, token, logp, logits, tables, finals, plan)
 
@@ -353,15 +377,30 @@ def _check_prompts(tokens: np.ndarray, mask: np.ndarray, vocab_size: int) -> Non
                          f"[{real.min()}, {real.max()}]")
 
 
-def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
-           tokenizer=None, return_logits: bool = False) -> Rollout:
-    """Sample `params.n` completions for each left-padded prompt.
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One sampler call's device inputs, checked and padded on the host (`prepare`)."""
 
-    model: a decoder (models/decoder.py) whose params are on `mesh`; prompt_tokens int32 [B, Tp], prompt_mask bool
-    [B, Tp] (left-padded); seed: int or a jax PRNG key; tokenizer: adds its EOS ids to the stop
-    ids, is required for stop strings, and fills `Rollout.texts`. return_logits keeps every
-    step's raw logits (debugging and tests: R*M*V floats).
-    """
+    plan: Plan
+    graphdef: Any
+    state: Any  # the serving copy of the weights
+    tokens: jax.Array  # int32 [Bp, Tpp]: B prompts, padded to the batch shards and the width
+    mask: jax.Array  # bool [Bp, Tpp]
+    key: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    tables: jax.Array | None  # stop-string KMP tables
+    finals: jax.Array | None
+    prompts: int  # B
+    stop_strings: tuple[str, ...]
+    prompt_tokens: np.ndarray  # int32 [B, Tp] on the host as given, pad ids zeroed
+    prompt_mask: np.ndarray  # bool [B, Tp]
+
+
+def prepare(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
+            tokenizer=None, return_logits: bool = False) -> Call:
+    """Check the prompts and stops (clear errors, before anything compiles), pad the batch and
+    place the inputs on the mesh."""
     tokens = np.asarray(prompt_tokens).astype(np.int32)
     mask = np.asarray(prompt_mask).astype(bool)
     config = model.config
@@ -395,36 +434,71 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
                  prefill_chunk=PREFILL_CHUNK)
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     rep = shd.replicated(mesh)
-    key = jax.device_put(key, rep)
-    temperature = jax.device_put(np.float32(params.temperature or 1.0), rep)
-    top_p = jax.device_put(np.float32(params.top_p), rep)
     graphdef, state = nnx.split(model)
-    state = serving_state(state, mesh, model.dtype)
+    return Call(plan=plan, graphdef=graphdef, state=serving_state(state, mesh, model.dtype),
+                tokens=shd.shard_batch(mesh, padded_tokens),
+                mask=shd.shard_batch(mesh, padded_mask),
+                key=jax.device_put(key, rep),
+                temperature=jax.device_put(np.float32(params.temperature or 1.0), rep),
+                top_p=jax.device_put(np.float32(params.top_p), rep), tables=tables, finals=finals,
+                prompts=b, stop_strings=stop_strs, prompt_tokens=tokens, prompt_mask=mask)
 
+
+def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
+           tokenizer=None, return_logits: bool = False, row_offset: int = 0) -> Rollout:
+    """Sample `params.n` completions for each left-padded prompt.
+
+    model: a Qwen2 whose params are on `mesh`; prompt_tokens int32 [B, Tp], prompt_mask bool
+    [B, Tp] (left-padded); seed: int or a jax PRNG key; tokenizer: adds its EOS ids to the stop
+    ids, is required for stop strings, and fills `Rollout.texts`. return_logits keeps every
+    step's raw logits (debugging and tests: R*M*V floats). row_offset: the rollout index of this
+    call's first row (its random stream), when a rollout is split into calls.
+    """
+    c = prepare(model, prompt_tokens, prompt_mask, params, seed=seed, mesh=mesh,
+                tokenizer=tokenizer, return_logits=return_logits)
+    static = dict(graphdef=c.graphdef, plan=c.plan)
+    offset = jax.device_put(np.int32(row_offset), shd.replicated(mesh))
     t0 = time.perf_counter()
-    loop = prefill(state, shd.shard_batch(mesh, padded_tokens), shd.shard_batch(mesh, padded_mask),
-                    key, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
+    loop = prefill(c.state, c.tokens, c.mask, c.key, offset, c.temperature, c.top_p, c.tables,
+                   c.finals, **static)
     jax.block_until_ready(loop)
     t1 = time.perf_counter()
-    loop = decode(state, loop, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
+    loop = decode(c.state, loop, c.temperature, c.top_p, c.tables, c.finals, **static)
     jax.block_until_ready(loop)
+    steps = int(loop.step)  # with compilation on a first call
     timings = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1,
-               "decode_steps": int(loop.step) - 1}  # with compilation on a first call
+               "decode_steps": steps - 1, "token_steps": steps, "slots": int(loop.done.shape[0])}
+    r = c.prompts * params.n
+    return finish(c, loop.tokens, loop.logprobs, loop.lengths, loop.stopped, rows=r,
+                  params=params, tokenizer=tokenizer, timings=timings,
+                  logits=shd.to_host(loop.logits)[:r] if return_logits else None)
 
-    r = b * params.n
-    out_tokens = shd.to_host(loop.tokens)[:r]
-    lengths = shd.to_host(loop.lengths)[:r]
-    stopped = shd.to_host(loop.stopped)[:r]
+
+def finish(c: Call, tokens, logprobs, lengths, stopped, *, rows: int, params: SamplingParams,
+           tokenizer, timings: dict, logits=None) -> Rollout:
+    """The Rollout of call `c` from the first `rows` rows of the device buffers [>= rows, M]."""
+    lengths = shd.to_host(lengths)[:rows]
     rollout = Rollout(
-        tokens=out_tokens, logprobs=shd.to_host(loop.logprobs)[:r],
+        tokens=shd.to_host(tokens)[:rows], logprobs=shd.to_host(logprobs)[:rows],
         mask=np.arange(params.max_new_tokens)[None, :] < lengths[:, None], lengths=lengths,
-        finish_reason=np.where(stopped, "stop", "length"),
-        logits=shd.to_host(loop.logits)[:r] if return_logits else None, timings=timings,
-        prompt_tokens=np.repeat(tokens, params.n, axis=0),
-        prompt_mask=np.repeat(mask, params.n, axis=0))
+        finish_reason=np.where(shd.to_host(stopped)[:rows], "stop", "length"), logits=logits,
+        timings=timings, prompt_tokens=np.repeat(c.prompt_tokens, params.n, axis=0),
+        prompt_mask=np.repeat(c.prompt_mask, params.n, axis=0))
     if tokenizer is not None:
-        rollout.texts = decode_texts(tokenizer, rollout, stop_strs)
+        rollout.texts = decode_texts(tokenizer, rollout, c.stop_strings)
     return rollout
+
+
+def rollout_report(timings: list[dict], generated_tokens: int) -> dict:
+    """Per rollout (over its sampler calls): decode_steps (token-choosing passes, summed over
+    calls), generated_tokens, slot_utilization = generated tokens / sum(slots x steps) (the share
+    of decoded row-steps that produced a token), tokens_per_s (prefill and decode wall time)."""
+    slot_steps = sum(t["slots"] * t["token_steps"] for t in timings)
+    wall = sum(t["prefill_s"] + t["decode_s"] for t in timings)
+    return {"decode_steps": int(sum(t["token_steps"] for t in timings)),
+            "generated_tokens": int(generated_tokens),
+            "slot_utilization": generated_tokens / max(slot_steps, 1),
+            "tokens_per_s": generated_tokens / max(wall, 1e-9)}
 
 
 def decode_texts(tokenizer, rollout: Rollout, stop_strings: tuple[str, ...] = ()) -> list[str]:
