@@ -199,7 +199,7 @@ def test_continuous_batching_compiles_for_v4_8_and_moves_no_weights():
     cfg = load_config("qwen2_5_math_1_5b_dr_grpo",
                       TINY_MODEL + TINY_RUN + ["sampling.decode_slots=10"])
     mesh = make_mesh(cfg.mesh.spec, _tpu_devices("v4-8"))
-    qc = plan_lib.qwen_config_of(cfg)
+    qc = plan_lib.model_config_of(cfg)
     kept = {}
     out = comp.compile_programs(cfg, qc, mesh, programs=("prefill", "decode"),
                                 printer=lambda *a, **k: None, keep=kept)
