@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 
 from r1zero_jax import paths
 from r1zero_jax import sharding as shd
+from r1zero_jax.checkpoint import PreemptionGuard
 from r1zero_jax.config import RunConfig, to_dict, validate
 from r1zero_jax.data.pipeline import PipelineConfig, PromptPipeline, make_encoder
 from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template
@@ -170,7 +172,7 @@ class Trainer:
     """Dr. GRPO / GRPO training of one config in one run directory (resumable)."""
 
     def __init__(self, cfg: RunConfig, workdir: str, *, mesh=None, allow_config_change: bool = False,
-                 printer=print):
+                 printer=print, stop_signals=(signal.SIGTERM,)):
         self.mesh = mesh or shd.make_mesh(cfg.mesh.spec)
         self.cfg = validate(cfg, num_devices=self.mesh.devices.size)
         self.is_writer = jax.process_index() == 0
@@ -183,16 +185,23 @@ class Trainer:
             paths.check_gcs_bucket(directory)
         paths.makedirs(workdir)
         self._lock = RunLock(workdir, printer=self.print).acquire() if self.is_writer else None
+        # From here to the end of the first step a stop signal exits at once (exit code 75):
+        # there is nothing new to save while loading, compiling and sampling the first rollout.
+        self._guard = PreemptionGuard(stop_signals, on_idle_exit=self._release_lock).__enter__()
         try:
             self._setup()
         except BaseException:
             self.close()
             raise
 
-    def close(self) -> None:
-        """Releases the run directory (done by `run` at its end)."""
+    def _release_lock(self) -> None:
         if self._lock is not None:
             self._lock.release()
+
+    def close(self) -> None:
+        """Releases the run directory and the stop signals (done by `run` at its end)."""
+        self._guard.__exit__(None, None, None)
+        self._release_lock()
 
     def _setup(self) -> None:
         c = self.cfg
@@ -260,8 +269,7 @@ class Trainer:
             self.close()
 
     def _run(self, steps: int | None = None) -> dict:
-        from r1zero_jax.checkpoint import (PREEMPTED_EXIT_CODE, PreemptionGuard,
-                                           check_config_compatible)
+        from r1zero_jax.checkpoint import PREEMPTED_EXIT_CODE, check_config_compatible
         from r1zero_jax.rewards.pool import GraderPool
 
         c = self.cfg
@@ -308,7 +316,8 @@ class Trainer:
                            enabled=self.is_writer, printer=self.print)
         key = jax.random.PRNGKey(c.train.seed)
         preempted = False
-        with GraderPool() as pool, PreemptionGuard() as guard:
+        guard = self._guard
+        with GraderPool() as pool:
             eval_before = meta.get("eval_accuracy_before")
             if self.eval_rows and eval_before is None:
                 eval_before = self._eval(state.params, pool)["accuracy"]
@@ -317,6 +326,7 @@ class Trainer:
                     self._lock.check()
                 m, state = self._step(state, step, pipeline, pool, logprobs_fn, step_fn,
                                       ref_params, key)
+                guard.progressed()
                 if self.eval_rows and c.eval.every and (step + 1) % c.eval.every == 0 \
                         and step + 1 < total:
                     m["eval_accuracy"] = self._eval(state.params, pool)["accuracy"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
 
 from r1zero_jax import jsonl
+from r1zero_jax.progress import Progress
 from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template, check_template
 
 CHUNK_PROMPTS = 64  # prompts per sample() call: one compiled shape, bounded memory
@@ -79,27 +79,25 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
                          " positions")
 
     out = open(output, "w") if output else None
-    start, done_tokens = time.perf_counter(), 0
+    progress = Progress("generate", len(texts), "prompts")
     chunk = min(CHUNK_PROMPTS, len(texts))
     try:
         for lo in range(0, len(texts), chunk):
             hi = min(lo + chunk, len(texts))
             # the last chunk is topped up with copies so every call has the same batch shape
             rows = np.minimum(np.arange(lo, lo + chunk), hi - 1)
+            tokens0 = progress.tokens
             ro = sample(net, tokens[rows], mask[rows], params, mesh=the_mesh, tokenizer=tokenizer,
-                        seed=jax.random.fold_in(jax.random.key(seed), lo))
+                        seed=jax.random.fold_in(jax.random.key(seed), lo),
+                        on_progress=lambda done, toks: progress.update(
+                            lo + min(done // n, hi - lo), tokens=tokens0 + toks))
             for b in range(hi - lo):
                 for j in range(n):
                     r = b * n + j
                     length = int(ro.lengths[r])
                     _emit(out, lo + b, j, texts[lo + b], ro.texts[r], ro.tokens[r, :length],
                           ro.logprobs[r, :length], str(ro.finish_reason[r]))
-            done_tokens += int(ro.lengths[:(hi - lo) * n].sum())
-            elapsed = time.perf_counter() - start
-            eta = elapsed / hi * (len(texts) - hi)
-            print(f"generate: {hi}/{len(texts)} prompts, {hi / elapsed:.2f} prompts/s, "
-                  f"{done_tokens / elapsed:.0f} tokens/s, ETA {eta:.0f}s", file=sys.stderr,
-                  flush=True)
+            progress.update(hi, tokens=tokens0 + int(ro.lengths[:(hi - lo) * n].sum()))
     finally:
         if out:
             out.close()

@@ -44,6 +44,7 @@ from r1zero_jax.sampling import stop_strings as stops
 
 PROMPT_LEN_MULTIPLE = 16  # prompt lengths are left-padded to a multiple of this: fewer compiles
 PREFILL_CHUNK = 256  # longer prompts are prefilled this many tokens at a time (bounded scores)
+PROGRESS_EVERY = 32  # decode steps between progress reports (sample(..., on_progress=...))
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -222,8 +223,9 @@ def prefill(state, tokens, mask, key, temperature, top_p, tables, finals, *, gra
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("loop",))
-def decode(state, loop, temperature, top_p, tables, finals, *, graphdef, plan):
-    """Decode one token per row per iteration until every row is done."""
+def decode(state, loop, temperature, top_p, tables, finals, until=None, *, graphdef, plan):
+    """Decode one token per row per iteration until every row is done (or `until` tokens, an
+    int32 scalar, are generated: the host then reports progress and calls again)."""
     model = nnx.merge(graphdef, state)
     r = loop.last.shape[0]
     one = jnp.ones((r, 1), bool)
@@ -236,7 +238,11 @@ def decode(state, loop, temperature, top_p, tables, finals, *, graphdef, plan):
         loop = loop.replace(cache=_constrain_cache(cache, plan.mesh))
         return _advance(loop, token, logp, logits, tables, finals, plan)
 
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, loop)
+    def cond(s: _Loop):
+        going = ~jnp.all(s.done)
+        return going if until is None else going & (s.step < until)
+
+    return jax.lax.while_loop(cond, body, loop)
 
 
 def serving_state(state, mesh: Mesh, dtype):
@@ -295,13 +301,15 @@ def _check_prompts(tokens: np.ndarray, mask: np.ndarray, vocab_size: int) -> Non
 
 
 def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
-           tokenizer=None, return_logits: bool = False) -> Rollout:
+           tokenizer=None, return_logits: bool = False, on_progress=None) -> Rollout:
     """Sample `params.n` completions for each left-padded prompt.
 
     model: a Qwen2 whose params are on `mesh`; prompt_tokens int32 [B, Tp], prompt_mask bool
     [B, Tp] (left-padded); seed: int or a jax PRNG key; tokenizer: adds its EOS ids to the stop
     ids, is required for stop strings, and fills `Rollout.texts`. return_logits keeps every
-    step's raw logits (debugging and tests: R*M*V floats).
+    step's raw logits (debugging and tests: R*M*V floats). on_progress(rows_done, tokens):
+    called every PROGRESS_EVERY decode steps with the finished rows and generated tokens so far
+    (of the B*n real rows), for progress lines.
     """
     tokens = np.asarray(prompt_tokens).astype(np.int32)
     mask = np.asarray(prompt_mask).astype(bool)
@@ -351,7 +359,19 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
                     key, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
     jax.block_until_ready(loop)
     t1 = time.perf_counter()
-    loop = decode(state, loop, temperature, top_p, tables, finals, graphdef=graphdef, plan=plan)
+    if on_progress is None:
+        loop = decode(state, loop, temperature, top_p, tables, finals, graphdef=graphdef,
+                      plan=plan)
+    else:
+        r = b * params.n
+        while True:
+            until = jax.device_put(np.int32(int(loop.step) + PROGRESS_EVERY), rep)
+            loop = decode(state, loop, temperature, top_p, tables, finals, until,
+                          graphdef=graphdef, plan=plan)
+            done = shd.to_host(loop.done)
+            on_progress(int(done[:r].sum()), int(shd.to_host(loop.lengths)[:r].sum()))
+            if done.all():
+                break
     jax.block_until_ready(loop)
     timings = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1,
                "decode_steps": int(loop.step) - 1}  # with compilation on a first call
