@@ -18,7 +18,8 @@ def _add_convert(sub):
     t = conv.add_parser("to-hf", help="r1zero-jax checkpoint -> HF directory")
     t.add_argument("ckpt")
     t.add_argument("out")
-    t.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    t.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="default: the checkpoint's own dtype (lossless)")
 
     def run(a):
         from r1zero_jax.convert import hf

@@ -283,9 +283,9 @@ class Trainer:
         ckpt = self._checkpointer()
         latest = ckpt.latest_step()
         if self.is_writer:  # the run's checkpoints are model paths too (load_model, to-hf)
-            from r1zero_jax.convert.hf import write_marker
+            from r1zero_jax.convert.hf import write_model_files
 
-            write_marker(ckpt.directory, self.qconfig)
+            write_model_files(ckpt.directory, self.qconfig, c.model.path or None)
         params = self._init_params
         self._init_params = None
         meta: dict[str, Any] = {}
@@ -359,7 +359,7 @@ class Trainer:
                        "to resume", flush=True)
             sys.exit(PREEMPTED_EXIT_CODE)
         # The trained weights in the format `r1zero-jax convert to-hf` reads.
-        from r1zero_jax.convert.hf import save_params
+        from r1zero_jax.convert.hf import save_params, write_model_files
 
         model_dir = paths.join(self.workdir, "model")
         if self.is_writer and paths.exists(model_dir):
@@ -369,6 +369,8 @@ class Trainer:
 
             multihost_utils.sync_global_devices("r1zero_model_dir")
         save_params(model_dir, state.params, self.qconfig)
+        if self.is_writer:
+            write_model_files(model_dir, self.qconfig, c.model.path or None)
         summary = {
             "config": c.name, "num_devices": int(self.mesh.devices.size),
             "num_processes": jax.process_count(), "mesh": shd.mesh_shape(self.mesh),
