@@ -110,3 +110,39 @@ def test_plan_cli_json(capsys):
 def test_bad_topology_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown TPU topology"):
         plan_lib.plan_config(load_config("qwen2_5_math_7b_dr_grpo"), "v9-64")
+
+
+def test_plan_reads_the_shape_at_model_path(tmp_path):
+    """An HF directory or our checkpoint at model.path is planned, not the preset; a path that
+    does not exist falls back to the preset, saying so."""
+    from hf_models import make_hf_model
+    from r1zero_jax.convert import hf as conv
+
+    model = make_hf_model(tmp_path / "hf", vocab=256, hidden=64, inter=96, layers=3)
+    conv.convert_from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    want = sum(p.numel() for p in model.parameters())
+    for path in (tmp_path / "hf", tmp_path / "ours"):
+        cfg = load_config("qwen2_5_0_5b_cpu", [f"model.path={path}"])
+        p = plan_lib.plan_config(cfg)
+        assert p["num_params"] == want and p["model_source"] == str(path)
+        assert p["topology"] == "cpu-4" and "note" not in p
+    cfg = load_config("qwen2_5_0_5b_cpu", [f"model.path={tmp_path / 'absent'}"])
+    p = plan_lib.plan_config(cfg)
+    assert p["num_params"] == 494_032_768  # the qwen2.5-0.5b preset
+    assert p["model_source"].startswith("preset qwen2.5-0.5b") and "not found" in p["model_source"]
+
+
+def test_cpu_plan_reports_host_ram_and_warns_before_loading(monkeypatch):
+    cfg = load_config("qwen2_5_0_5b_cpu", ["model.path="])
+    p = plan_lib.plan_config(cfg)
+    h, d = p["host"], p["per_device_bytes"]
+    assert h["peak_bytes"] == p["chips"] * d["peak"] + plan_lib.HOST_BASE_BYTES
+    # 494M float32 params + Adam mu and nu, at the least
+    assert h["peak_bytes"] > 494_032_768 * 12
+    assert "host RAM" in plan_lib.format_plan(p)
+    monkeypatch.setattr(plan_lib, "machine_ram", lambda: (8 * GiB, 6 * GiB))
+    warning = plan_lib.host_warning(cfg)
+    assert warning.startswith("warning: this run needs about") and "6.00 GiB available" in warning
+    monkeypatch.setattr(plan_lib, "machine_ram", lambda: (512 * GiB, 500 * GiB))
+    assert plan_lib.host_warning(cfg) is None
+    assert plan_lib.host_warning(load_config("qwen2_5_math_1_5b_dr_grpo")) is None  # not CPU
