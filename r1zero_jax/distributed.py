@@ -22,9 +22,9 @@ ENV_NUM_PROCESSES = "R1ZERO_NUM_PROCESSES"
 ENV_PROCESS_ID = "R1ZERO_PROCESS_ID"
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-# Virtual CPU devices meet at every collective; XLA:CPU aborts the process when one arrives more
-# than 40 s after the others (its default), which a loaded 2-core machine reaches on a
-# real-vocabulary forward pass. One hour instead, for the local rendezvous and across processes.
+# Virtual CPU devices meet at every collective; XLA:CPU aborts the process when one arrives 40 s
+# after its stuck warning (20 s), which a loaded 2-core machine reaches on a real-vocabulary
+# forward pass. One hour instead, for the local rendezvous and across processes (gloo).
 CPU_COLLECTIVE_TIMEOUT_FLAGS = {"--xla_cpu_collective_call_terminate_timeout_seconds": 3600,
                                 "--xla_cpu_collective_timeout_seconds": 3600}
 # PCI ids of TPU chips (vendor Google); the same table JAX uses to detect a Cloud TPU VM.
