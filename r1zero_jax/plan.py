@@ -164,8 +164,10 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
     reference = params if w.reference_model else 0
     gradients = elems * pb * (2 if w.accumulation_steps > 1 else 1)
     # FSDP all-gathers one layer at a time (tensor-sharded), cast to the compute dtype; XLA
-    # prefetches the next, hence two.
-    gathered = 2 * layer_elems / tensor * cb
+    # prefetches the next, hence two. Without fsdp, weights stored in the compute dtype are used
+    # where they lie: no copies (nor for the LM head, nor the sampler's serving weights).
+    copies = mesh.get("fsdp", 1) > 1 or pb != cb
+    gathered = 2 * layer_elems / tensor * cb if copies else 0
 
     b, t = w.train_batch / batch_shards, w.train_len
     # Saved for the backward pass per layer and token: norm outputs and residuals (4 D), q k v
@@ -178,7 +180,7 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
     if not w.logits_chunk or w.logits_chunk >= w.response_len:
         logits += b * w.response_len * vt * 4  # unchunked: logits stay alive for the backward
     hidden = b * t * D * cb * 2  # final hidden states and their gradient
-    head = V / tensor * D * (cb + 4)  # the gathered LM head and its whole float32 gradient
+    head = V / tensor * D * ((cb if copies else 0) + 4)  # gathered LM head, its float32 gradient
     act_full = L * layer_act + logits + hidden + head
     act_remat = L * b * t * D * cb + layer_act + logits + hidden + head
     activations = act_remat if w.remat else act_full
@@ -189,7 +191,7 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
 
     # The optimizer update runs after the last microbatch: gradients plus an `updates` tree.
     learn = max(gradients + gathered + activations, gradients + elems * pb)
-    serving = elems * cb  # sampler.serving_state: the weights in the compute dtype
+    serving = elems * cb if copies else 0  # sampler.serving_state: weights in the compute dtype
     sample = serving + kv_cache + sample_logits + gathered
     resident = params + optimizer + reference
     peak = resident + max(learn, sample)

@@ -113,19 +113,24 @@ def test_bad_topology_is_a_clear_error():
 
 
 def test_plan_reads_the_shape_at_model_path(tmp_path):
-    """An HF directory or our checkpoint at model.path is planned, not the preset; a path that
-    does not exist falls back to the preset, saying so."""
-    from hf_models import make_hf_model
+    """An HF config.json or our checkpoint's marker at model.path is planned, not the preset; a
+    path that does not exist falls back to the preset, saying so."""
     from r1zero_jax.convert import hf as conv
 
-    model = make_hf_model(tmp_path / "hf", vocab=256, hidden=64, inter=96, layers=3)
-    conv.convert_from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
-    want = sum(p.numel() for p in model.parameters())
+    v, d, f, layers, n, k, h = 256, 64, 96, 3, 4, 2, 16
+    shape = QwenConfig(vocab_size=v, hidden_size=d, intermediate_size=f, num_layers=layers,
+                       num_heads=n, num_kv_heads=k, head_dim=h, tie_word_embeddings=False)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(shape.to_hf_dict()))
+    conv.write_marker(str(tmp_path / "ours"), shape)
+    # embedding + untied head + final norm; per layer q k v o (+ q k v biases), MLP, two norms
+    want = 2 * v * d + d + layers * (2 * d * n * h + 2 * d * k * h + n * h + 2 * k * h
+                                     + 3 * d * f + 2 * d)
     for path in (tmp_path / "hf", tmp_path / "ours"):
         cfg = load_config("qwen2_5_0_5b_cpu", [f"model.path={path}"])
         p = plan_lib.plan_config(cfg)
         assert p["num_params"] == want and p["model_source"] == str(path)
-        assert p["topology"] == "cpu-4" and "note" not in p
+        assert p["topology"] == "cpu-1" and "note" not in p
     cfg = load_config("qwen2_5_0_5b_cpu", [f"model.path={tmp_path / 'absent'}"])
     p = plan_lib.plan_config(cfg)
     assert p["num_params"] == 494_032_768  # the qwen2.5-0.5b preset
