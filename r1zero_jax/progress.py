@@ -32,7 +32,7 @@ class Progress:
         self.done, self.tokens, self._start = start, 0, start
         self.t0 = clock()
         self._warm: tuple[float, int, int] | None = None  # (time, done, tokens) at update 1
-        self._last_print = -math.inf
+        self._last_print, self._last_state = -math.inf, None
 
     def _window(self) -> tuple[float, int, int]:
         """(seconds, units, tokens) the rates are measured over."""
@@ -78,9 +78,10 @@ class Progress:
             self.tokens = tokens
         if self._warm is None:
             self._warm = (self.clock(), self.done, self.tokens)
-        now = self.clock()
-        if not force and now - self._last_print < self.every_s and self.done < self.total:
+        now, state = self.clock(), (self.done, self.tokens, note)
+        due = now - self._last_print >= self.every_s or self.done >= self.total
+        if not force and (not due or state == self._last_state):
             return False
-        self._last_print = now
+        self._last_print, self._last_state = now, state
         self.print(self.line(note))
         return True

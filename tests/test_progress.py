@@ -40,6 +40,8 @@ def test_slow_units_print_seconds_per_unit_and_lines_are_throttled():
     clock.t = 141.0
     assert p.update(10)  # the end always prints
     assert lines[-1].endswith("ETA 0m00s")
+    assert not p.update(10)  # once
+    assert p.update(10, note="done", force=True)
 
 
 def test_fmt_duration():
