@@ -46,12 +46,7 @@ def train_cli(config: str, overrides=(), workdir: str | None = None, steps: int 
 
     import jax
 
-    from r1zero_jax.plan import host_warning
     from r1zero_jax.rl.trainer import Trainer
-
-    warning = host_warning(cfg) if jax.process_index() == 0 else None
-    if warning:  # before the load, not after minutes of it
-        print(warning, file=sys.stderr, flush=True)
 
     workdir = workdir or default_workdir(config)
     # The command line also turns Ctrl-C into a checkpointed stop (at once before the first step).

@@ -21,7 +21,6 @@ import numpy as np
 
 from r1zero_jax import paths
 from r1zero_jax import sharding as shd
-from r1zero_jax.checkpoint import PreemptionGuard
 from r1zero_jax.config import RunConfig, to_dict, validate
 from r1zero_jax.data.pipeline import PipelineConfig, PromptPipeline, make_encoder
 from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template
@@ -187,8 +186,15 @@ class Trainer:
         self._lock = RunLock(workdir, printer=self.print).acquire() if self.is_writer else None
         # From here to the end of the first step a stop signal exits at once (exit code 75):
         # there is nothing new to save while loading, compiling and sampling the first rollout.
+        from r1zero_jax.checkpoint import PreemptionGuard  # Orbax: imported after the lock
+
         self._guard = PreemptionGuard(stop_signals, on_idle_exit=self._release_lock).__enter__()
         try:
+            if self.is_writer:  # before the load, not after minutes of it
+                from r1zero_jax.plan import host_warning
+
+                if warning := host_warning(self.cfg):
+                    print(warning, file=sys.stderr, flush=True)
             self._setup()
         except BaseException:
             self.close()
