@@ -223,12 +223,26 @@ def main() -> None:
         "--data-dir", work, "--limit", str(a.limit), "--max-new-tokens", mnt,
         "--dtype", "float32", "--batch-size", str(a.limit),
         "--output-dir", os.path.join(work, "eval")), env)
+    # The RSS of a process that only imports what convert imports: the conversions' own
+    # memory is their peak minus this, compared with the checkpoint's size.
+    phases["imports only"] = run_phase("imports only", [sys.executable, "-c", (
+        "import jax, orbax.checkpoint, transformers, r1zero_jax.cli, r1zero_jax.convert.hf; "
+        "jax.numpy.zeros(1).block_until_ready()")], env)
     phases["convert to-hf"] = run_phase("convert to-hf", cli(
         "convert", "to-hf", os.path.join(run, "model"), os.path.join(work, "hf_out")), env)
     phases["convert from-hf"] = run_phase("convert from-hf", cli(
         "convert", "from-hf", os.path.join(work, "hf_out"), os.path.join(work, "ckpt_back")), env)
     for v in phases.values():
         v.pop("stdout", None)
+    model_bytes = sum(os.path.getsize(os.path.join(work, "hf_out", f))
+                      for f in os.listdir(os.path.join(work, "hf_out"))
+                      if f.endswith(".safetensors")) if os.path.isdir(os.path.join(work, "hf_out")) else 0
+    if model_bytes:
+        base = phases["imports only"]["peak_rss_bytes"]
+        report["checkpoint_bytes"] = model_bytes
+        for name in ("convert to-hf", "convert from-hf"):
+            phases[name]["over_imports_per_checkpoint"] = round(
+                (phases[name]["peak_rss_bytes"] - base) / model_bytes, 3)
     if report["plan_host_bytes"]:
         report["train_peak_over_plan"] = round(
             phases["train"]["peak_rss_bytes"] / report["plan_host_bytes"], 3)
