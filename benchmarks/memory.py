@@ -125,7 +125,8 @@ def train_child(args: list[str], phases_path: str) -> int:
             label = f"step {step['n']} {name}" if per_step else name
             phases.append({"phase": label, "wall_s": round(time.perf_counter() - t0, 2),
                            "peak_rss_bytes": peak_rss()})
-            log(f"  {label}: {phases[-1]['wall_s']:.1f}s, peak RSS {phases[-1]['peak_rss_bytes'] / GiB:.2f} GiB")
+            last = phases[-1]
+            log(f"  {label}: {last['wall_s']:.1f}s, peak RSS {last['peak_rss_bytes'] / GiB:.2f} GiB")
             save()
             return out
         return wrapped
@@ -234,9 +235,9 @@ def main() -> None:
         "convert", "from-hf", os.path.join(work, "hf_out"), os.path.join(work, "ckpt_back")), env)
     for v in phases.values():
         v.pop("stdout", None)
-    model_bytes = sum(os.path.getsize(os.path.join(work, "hf_out", f))
-                      for f in os.listdir(os.path.join(work, "hf_out"))
-                      if f.endswith(".safetensors")) if os.path.isdir(os.path.join(work, "hf_out")) else 0
+    out_dir = os.path.join(work, "hf_out")
+    model_bytes = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir)
+                      if f.endswith(".safetensors")) if os.path.isdir(out_dir) else 0
     if model_bytes:
         base = phases["imports only"]["peak_rss_bytes"]
         report["checkpoint_bytes"] = model_bytes

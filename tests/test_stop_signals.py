@@ -14,8 +14,9 @@ def _start(workdir):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "r1zero_jax.cli", "train", os.path.join(ROOT, "configs/cpu_smoke.py"),
-         "--workdir", str(workdir), "--set", "log.tensorboard=False", "--set", "log.plot=False"],
+        [sys.executable, "-m", "r1zero_jax.cli", "train",
+         os.path.join(ROOT, "configs", "cpu_smoke.py"), "--workdir", str(workdir),
+         "--set", "log.tensorboard=False", "--set", "log.plot=False"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
