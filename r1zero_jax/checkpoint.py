@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -413,31 +414,76 @@ class PreemptionGuard:
         with PreemptionGuard() as guard:
             for step in ...:
                 ...
+                guard.progressed()
                 if guard.should_stop(step):
                     ckpt.save(step, state, meta, force=True); ckpt.wait()
                     sys.exit(PREEMPTED_EXIT_CODE)
 
-    Single process: a Python SIGTERM handler sets `.requested`; the previous handler comes back
-    on exit. Multi-process (a pod): JAX's preemption service already owns SIGTERM and
-    `should_stop(step)` asks it, so every host stops at the same step
+    Until `progressed()` there is nothing new to save (loading, compiling, the first rollout):
+    a signal then exits at once with PREEMPTED_EXIT_CODE, after `on_idle_exit` (say, releasing
+    the run directory). A thread woken through `signal.set_wakeup_fd` does it, so the exit is
+    prompt even while the main thread waits minutes inside one XLA call, where Python signal
+    handlers do not run. A second signal also exits at once.
+
+    Single process: a Python handler sets `.requested`; the previous handlers come back on exit.
+    Multi-process (a pod): JAX's preemption service already owns SIGTERM and `should_stop(step)`
+    asks it, so every host stops at the same step
     (`jax.experimental.multihost_utils.reached_preemption_sync_point`; all hosts must call it
     at every step). Must be entered on the main thread.
     """
 
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM,)):
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), on_idle_exit=None):
         self._signals = tuple(signals)
         self._previous: dict[int, Any] = {}
         self._event = threading.Event()
         self._multi_host = False
+        self._idle = True
+        self._on_idle_exit = on_idle_exit
+        self._wakeup: tuple[int, int] | None = None
+        self._previous_wakeup = -1
+        self._watcher: threading.Thread | None = None
 
     @property
     def requested(self) -> bool:
         return self._event.is_set()
 
+    def progressed(self) -> None:
+        """A step finished: from now on a signal stops the loop at a step's end, checkpointed."""
+        self._idle = False
+
     def _handle(self, signum: int, frame: Any) -> None:
         del frame
         self._event.set()
-        log.warning("received %s; will checkpoint and stop", signal.Signals(signum).name)
+        if not self._idle:
+            log.warning("received %s; will checkpoint and stop", signal.Signals(signum).name)
+
+    def _watch(self, fd: int) -> None:
+        seen = 0
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            signums = [b for b in data if b in self._signals]
+            if not data or (not signums and self._wakeup is None):
+                return  # closed by __exit__
+            seen += len(signums)
+            if signums and (self._idle or seen > 1):
+                self._exit_now(signums[-1], second=not self._idle)
+
+    def _exit_now(self, signum: int, second: bool) -> None:
+        name = signal.Signals(signum).name
+        why = "a second signal" if second else "nothing new to save yet"
+        log.warning("received %s (%s): stopping now with exit code %d; rerun the same command "
+                    "to resume", name, why, PREEMPTED_EXIT_CODE)
+        try:
+            if self._on_idle_exit is not None:
+                self._on_idle_exit()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(PREEMPTED_EXIT_CODE)
 
     def should_stop(self, step: int) -> bool:
         """True when the loop should checkpoint `step` and exit with PREEMPTED_EXIT_CODE."""
@@ -463,9 +509,24 @@ class PreemptionGuard:
             raise RuntimeError("PreemptionGuard must be entered on the main thread (signals)")
         for s in self._signals:
             self._previous[s] = signal.signal(s, self._handle)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._wakeup = (r, w)
+        self._previous_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._watcher = threading.Thread(target=self._watch, args=(r,), daemon=True,
+                                         name="preemption-guard")
+        self._watcher.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            r, w = self._wakeup
+            self._wakeup = None
+            os.write(w, b"\0")  # wakes the watcher, which sees the guard closed
+            self._watcher.join(timeout=5)
+            os.close(r)
+            os.close(w)
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()

@@ -21,7 +21,8 @@ def _add_convert(sub):
     t = conv.add_parser("to-hf", help="r1zero-jax checkpoint -> HF directory")
     t.add_argument("ckpt")
     t.add_argument("out")
-    t.add_argument("--dtype", choices=dtypes.NAMES, default="bfloat16")
+    t.add_argument("--dtype", choices=dtypes.NAMES, default=None,
+                   help="default: the checkpoint's own dtype (lossless)")
 
     def run(a):
         from r1zero_jax.convert import hf

@@ -22,6 +22,11 @@ ENV_NUM_PROCESSES = "R1ZERO_NUM_PROCESSES"
 ENV_PROCESS_ID = "R1ZERO_PROCESS_ID"
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# Virtual CPU devices meet at every collective; XLA:CPU aborts the process when one arrives 40 s
+# after its stuck warning (20 s), which a loaded 2-core machine reaches on a real-vocabulary
+# forward pass. One hour instead, for the local rendezvous and across processes (gloo).
+CPU_COLLECTIVE_TIMEOUT_FLAGS = {"--xla_cpu_collective_call_terminate_timeout_seconds": 3600,
+                                "--xla_cpu_collective_timeout_seconds": 3600}
 # PCI ids of TPU chips (vendor Google); the same table JAX uses to detect a Cloud TPU VM.
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = {"0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}  # v4, v5p, v5e, v6e, 7x
@@ -87,11 +92,14 @@ def split_virtual_devices(total: int, num_processes: int) -> int:
 
 
 def set_cpu_device_count(n: int) -> None:
-    """Ask XLA for `n` virtual CPU devices in this process (replacing any earlier request).
+    """Ask XLA for `n` virtual CPU devices in this process (replacing any earlier request), with
+    the collective timeouts raised (CPU_COLLECTIVE_TIMEOUT_FLAGS).
 
     Works until the first backend starts; after that the count is fixed and this raises.
     """
     flags = re.sub(rf"{_DEVICE_COUNT_FLAG}=\S+", "", os.environ.get("XLA_FLAGS", "")).split()
+    flags += [f"{k}={v}" for k, v in CPU_COLLECTIVE_TIMEOUT_FLAGS.items()
+              if not any(f.startswith(k + "=") for f in flags)]  # a user's own value wins
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"{_DEVICE_COUNT_FLAG}={n}"])
     if "jax" in sys.modules:  # XLA_FLAGS may already have been read; the config option wins
         import jax

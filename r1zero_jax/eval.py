@@ -29,6 +29,7 @@ from r1zero_jax.analysis import length_by_correctness, self_reflection
 from r1zero_jax.data.builders import (BENCHMARKS, find_local_file, load_split, read_jsonl_rows,
                                      validate_row)
 from r1zero_jax.data.pipeline import make_encoder
+from r1zero_jax.progress import Progress
 from r1zero_jax.rewards.templates import check_template
 
 # Column headers of the paper's Table 4.
@@ -211,34 +212,6 @@ def parse_benchmarks(spec: str | Sequence[str] | None, known: bool = True) -> li
 # Sampling and grading
 
 
-class Progress:
-    """One stderr line per update: done / total with rate and ETA."""
-
-    def __init__(self, total: int, unit: str = "problems", stream=None, every_s: float = 10.0):
-        self.total, self.unit, self.stream, self.every_s = total, unit, stream, every_s
-        self.done, self.start, self.last = 0, time.monotonic(), -math.inf
-
-    def update(self, k: int, what: str = "", force: bool = False) -> None:
-        self.done += k
-        now = time.monotonic()
-        if not force and now - self.last < self.every_s and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else math.inf
-        print(f"eval{' ' + what if what else ''}: {self.done}/{self.total} {self.unit} "
-              f"({rate:.2f}/s, elapsed {_hms(now - self.start)}, ETA {_hms(eta)})",
-              file=self.stream or sys.stderr, flush=True)
-
-
-def _hms(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else \
-        f"{s // 60}m{s % 60:02d}s"
-
-
 def grade_records(records: list[dict], pool, default_template: str = "qwen_math") -> list[dict]:
     """Sets `extracted`, `correct`, `timed_out` on each record (its own `template` first)."""
     by_template: dict[str, list[int]] = {}
@@ -265,22 +238,25 @@ def sample_benchmark(model, tokenizer, name: str, rows: Sequence[dict], params, 
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    tokens = make_encoder(tokenizer)([task.prompt(r) for r in rows])
-    keep = [i for i, t in enumerate(tokens) if max_prompt_tokens is None
+    prompt_ids = make_encoder(tokenizer)([task.prompt(r) for r in rows])
+    keep = [i for i, t in enumerate(prompt_ids) if max_prompt_tokens is None
             or len(t) <= max_prompt_tokens]
     skipped = len(rows) - len(keep)
     if skipped:
         print(f"eval {name}: skipped {skipped} prompts longer than {max_prompt_tokens} tokens",
               file=sys.stderr)
         if progress is not None:
-            progress.update(skipped, name)
+            progress.update(progress.done + skipped, note=name)
     if not keep:
         raise ValueError(f"no prompt of {name} fits max_prompt_tokens={max_prompt_tokens}")
-    keep.sort(key=lambda i: len(tokens[i]))
+    keep.sort(key=lambda i: len(prompt_ids[i]))
     template = getattr(task, "template", None)
     records: list[dict] = []
+    done0, tokens0 = (progress.done, progress.tokens) if progress is not None else (0, 0)
+    generated = 0  # tokens of the calls graded so far
 
     def grade_call(first: int, out) -> None:
+        nonlocal generated
         idx = keep[first:first + out.size // params.n]
         answers = [rows[i]["answer"] for i in idx for _ in range(params.n)]
         s = score(task, pool, out.texts, answers)
@@ -292,11 +268,16 @@ def sample_benchmark(model, tokenizer, name: str, rows: Sequence[dict], params, 
                             "finish_reason": str(out.finish_reason[r]),
                             "extracted": s.extracted[r], "correct": bool(s.correct[r]),
                             "timed_out": bool(s.timed_out[r])})
+        generated += int(out.lengths.sum())
         if progress is not None:
-            progress.update(len(idx), name)
+            progress.update(done0 + first + len(idx), tokens=tokens0 + generated, note=name)
 
-    generate(model, [tokens[i] for i in keep], params, tokenizer=tokenizer, mesh=mesh, seed=seed,
-             prompts_per_call=batch_size, on_call=grade_call)
+    def report(rows_done: int, tokens_done: int) -> None:  # a call can decode for minutes
+        progress.update(done0 + rows_done // params.n, tokens=tokens0 + tokens_done, note=name)
+
+    generate(model, [prompt_ids[i] for i in keep], params, tokenizer=tokenizer, mesh=mesh,
+             seed=seed, prompts_per_call=batch_size, on_call=grade_call,
+             on_progress=report if progress is not None else None)
     records.sort(key=lambda r: (r["index"], r["sample"]))
     return records, skipped
 
@@ -315,7 +296,8 @@ def evaluate(model, tokenizer, rows_by_benchmark: Mapping[str, Sequence[dict]], 
     evaluation (training instead gives them 0, see rl/trainer.py)."""
     if not rows_by_benchmark or not all(rows_by_benchmark.values()):
         raise ValueError("evaluate needs at least one benchmark, each with rows")
-    bar = Progress(sum(map(len, rows_by_benchmark.values()))) if progress else None
+    bar = Progress("eval", sum(map(len, rows_by_benchmark.values())), "problems") \
+        if progress else None
     records, skipped = {}, {}
     for name, rows in rows_by_benchmark.items():
         records[name], skipped[name] = sample_benchmark(
@@ -324,8 +306,8 @@ def evaluate(model, tokenizer, rows_by_benchmark: Mapping[str, Sequence[dict]], 
         if on_benchmark is not None:
             on_benchmark(name, records[name])
         if bar is not None:
-            bar.update(0, f"{name} done: accuracy "
-                          f"{np.mean([r['correct'] for r in records[name]]):.3f}", force=True)
+            bar.update(note=f"{name} done: accuracy "
+                            f"{np.mean([r['correct'] for r in records[name]]):.3f}", force=True)
     return summarize(records, skipped)
 
 
@@ -368,13 +350,13 @@ def read_responses(path: str, benchmarks: Iterable[str] | None = None
 def regrade(records_by_benchmark: Mapping[str, list[dict]], pool, template: str = "qwen_math",
             progress: bool = True) -> dict[str, list[dict]]:
     """Grade saved generations again (their own `template` first, else `template`)."""
-    bar = Progress(sum(map(len, records_by_benchmark.values())), unit="responses",
+    bar = Progress("eval", sum(map(len, records_by_benchmark.values())), "responses",
                    every_s=5.0) if progress else None
     for name, records in records_by_benchmark.items():
         for start in range(0, len(records), 1024):
             grade_records(records[start:start + 1024], pool, template)
             if bar is not None:
-                bar.update(len(records[start:start + 1024]), name)
+                bar.update(bar.done + len(records[start:start + 1024]), note=name)
     return dict(records_by_benchmark)
 
 

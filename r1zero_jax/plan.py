@@ -170,8 +170,10 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
     reference = params if w.reference_model else 0
     gradients = elems * pb * (2 if w.accumulation_steps > 1 else 1)
     # FSDP all-gathers one layer at a time (tensor-sharded), cast to the compute dtype; XLA
-    # prefetches the next, hence two.
-    gathered = 2 * layer_elems / tensor * cb
+    # prefetches the next, hence two. Without fsdp, weights stored in the compute dtype are used
+    # where they lie: no copies (nor for the LM head, nor the sampler's serving weights).
+    copies = mesh.get("fsdp", 1) > 1 or pb != cb
+    gathered = 2 * layer_elems / tensor * cb if copies else 0
 
     b, t = w.train_batch / batch_shards, w.train_len
     # Saved for the backward pass per layer and token: norm outputs and residuals (4 D), q k v
@@ -184,7 +186,7 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
     if not w.logits_chunk or w.logits_chunk >= w.response_len:
         logits += b * w.response_len * vt * 4  # unchunked: logits stay alive for the backward
     hidden = b * t * D * cb * 2  # final hidden states and their gradient
-    head = V / tensor * D * (cb + 4)  # the gathered LM head and its whole float32 gradient
+    head = V / tensor * D * ((cb if copies else 0) + 4)  # gathered LM head, its float32 gradient
     act_full = L * layer_act + logits + hidden + head
     act_remat = L * b * t * D * cb + layer_act + logits + hidden + head
     activations = act_remat if w.remat else act_full
@@ -197,7 +199,7 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
 
     # The optimizer update runs after the last microbatch: gradients plus an `updates` tree.
     learn = max(gradients + gathered + activations, gradients + elems * pb)
-    serving = elems * cb  # sampler.serving_state: the weights in the compute dtype
+    serving = elems * cb if copies else 0  # sampler.serving_state: weights in the compute dtype
     sample = serving + kv_cache + sample_logits + gathered
     resident = params + optimizer + reference
     peak = resident + max(learn, sample)
@@ -287,11 +289,17 @@ def workload_from_config(cfg) -> Workload:
 
 
 def model_config_of(cfg):
-    """The architecture a RunConfig names (weights at model.path are not read). A custom model
-    without a vocab_size takes the tokenizer the run would load: the synthetic task's, or
-    Qwen2.5's."""
+    """The architecture of a RunConfig: read from model.path (an HF config.json or our
+    checkpoint, local or gs://) when that exists, else the preset or custom shape it names. A
+    custom model without a vocab_size takes the tokenizer the run would load: the synthetic
+    task's, or Qwen2.5's."""
+    from r1zero_jax import paths
     from r1zero_jax.models import config_from_run
 
+    if cfg.model.path and paths.exists(cfg.model.path):
+        from r1zero_jax.convert.hf import read_config
+
+        return read_config(cfg.model.path)
     if cfg.data.source == "synthetic":
         from r1zero_jax.data.synthetic import SyntheticTokenizer
 
@@ -336,16 +344,66 @@ def plan_config(cfg, topology: str | None = None) -> dict[str, Any]:
     w = workload_from_config(cfg)
     out = plan_memory(model_config_of(cfg), mesh, w, topo.hbm_bytes)
     out.update(config=cfg.name, topology=topo.name, chips=topo.chips, hosts=topo.hosts)
+    from r1zero_jax import paths
+
+    path = cfg.model.path
+    out["model_source"] = (path if path and paths.exists(path) else f"preset {cfg.model.preset}"
+                           + (f"; model.path {path} not found" if path else ""))
     if note:
         out["note"] = note
+    if topo.generation == "cpu":
+        out["host"] = host_memory(out, topo.chips)
     return out
+
+
+# Host RAM of a CPU process besides the devices' arrays: Python, JAX and XLA's runtime, the
+# tokenizer, and XLA:CPU compiling the run's programs (BENCHMARKS.md, "Host memory").
+HOST_BASE_BYTES = int(1.5 * GiB)
+
+
+def machine_ram() -> tuple[int, int]:
+    """(total, available) bytes of this machine's RAM."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+        return total, info.get("MemAvailable", total)
+    except OSError:
+        return total, total
+
+
+def host_memory(plan: dict, devices: int) -> dict:
+    """A CPU run's host RAM: its virtual devices all live in it, so every per-device figure
+    (replicas, gathered weights) counts once per device, plus the process's own base."""
+    total, available = machine_ram()
+    peak = devices * plan["per_device_bytes"]["peak"] + HOST_BASE_BYTES
+    return {"peak_bytes": int(peak), "ram_bytes": int(total), "available_bytes": int(available),
+            "fits": bool(peak <= FIT_FRACTION * total)}
+
+
+def host_warning(cfg) -> str | None:
+    """A line to print before loading when a CPU run's plan needs more RAM than the machine has
+    (None when it fits, or when the run is not on CPU)."""
+    if not cfg.mesh.num_cpu_devices:
+        return None
+    try:
+        h = plan_config(cfg).get("host")
+    except (ValueError, FileNotFoundError):
+        return None  # the trainer reports a bad config or path itself
+    if h is None or h["peak_bytes"] <= h["available_bytes"]:
+        return None
+    return (f"warning: this run needs about {_gib(h['peak_bytes'])} of host RAM (r1zero-jax plan); "
+            f"this machine has {_gib(h['ram_bytes'])}, {_gib(h['available_bytes'])} available: "
+            "expect the OOM killer. Lower rl.rollout_batch_size, train.microbatch_size or "
+            "sampling.max_new_tokens")
 
 
 def format_plan(p: dict) -> str:
     d = p["per_device_bytes"]
     mesh = ", ".join(f"{k}={v}" for k, v in p["mesh"].items())
     lines = [f"{p.get('config', 'plan')} on {p.get('topology', '?')} ({p.get('chips', '?')} chips, "
-             f"{p.get('hosts', '?')} host(s)), mesh {mesh}; {p['num_params']:,} params"]
+             f"{p.get('hosts', '?')} host(s)), mesh {mesh}; {p['num_params']:,} params"
+             + (f" ({p['model_source']})" if p.get("model_source") else "")]
     if p.get("note"):
         lines.append(f"  note: {p['note']}")
     lines.append("  per device:")
@@ -364,6 +422,12 @@ def format_plan(p: dict) -> str:
                else "does NOT fit")
     lines.append(f"  HBM {_gib(p['hbm_bytes'])} per chip: peak {_gib(d['peak'])} "
                  f"({d['peak'] / p['hbm_bytes']:.0%}) {verdict} (limit {FIT_FRACTION:.0%})")
+    if p.get("host"):
+        h = p["host"]
+        lines.append(f"  host RAM (all {p['chips']} CPU devices + {_gib(HOST_BASE_BYTES)} for the "
+                     f"process): about {_gib(h['peak_bytes'])} of {_gib(h['ram_bytes'])} "
+                     f"({_gib(h['available_bytes'])} available) "
+                     + ("fits" if h["peak_bytes"] <= h["available_bytes"] else "does NOT fit"))
     lines += [f"  - {t}" for t in p["advice"]]
     return "\n".join(lines)
 

@@ -315,6 +315,7 @@ def test_preemption_guard_sets_flag_and_restores_handler():
     try:
         with PreemptionGuard() as guard:
             assert not guard.should_stop(0)
+            guard.progressed()  # a step is done: a signal now waits for the step's checkpoint
             os.kill(os.getpid(), signal.SIGTERM)
             deadline = time.monotonic() + 5
             while not guard.requested and time.monotonic() < deadline:

@@ -32,7 +32,7 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, tie, qw
         shutil.copy(os.path.join(qwen_tokenizer_dir, fn), src / fn)
 
     assert cli.main(["convert", "from-hf", str(src), str(ours)]) == 0
-    assert cli.main(["convert", "to-hf", str(ours), str(back), "--dtype", "float32"]) == 0
+    assert cli.main(["convert", "to-hf", str(ours), str(back)]) == 0  # keeps float32
 
     a, b = _tensors(src), _tensors(back)
     assert set(a) == set(b)
@@ -81,6 +81,62 @@ def test_bf16_export_and_sharded_safetensors(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(leaf_a).astype(jnp.bfloat16), leaf_b)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert str(model.dtype) == "torch.bfloat16"
+
+
+def test_to_hf_keeps_the_checkpoints_dtype_unless_told(tmp_path, capsys):
+    """A bfloat16 source comes back bfloat16 and bit-identical; --dtype float32 widens it."""
+    make_hf_model(tmp_path / "f32")
+    params, cfg = conv.load_params(str(tmp_path / "f32"))
+    conv.write_hf_dir(str(tmp_path / "src"), params, cfg, dtype="bfloat16")
+    assert cli.main(["convert", "from-hf", str(tmp_path / "src"), str(tmp_path / "ours")]) == 0
+    assert cli.main(["convert", "to-hf", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    assert "(bfloat16)" in capsys.readouterr().out
+    a, b = _tensors(tmp_path / "src"), _tensors(tmp_path / "back")
+    for name in a:
+        assert a[name].dtype == b[name].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert json.load(open(tmp_path / "back" / "config.json"))["torch_dtype"] == "bfloat16"
+    assert cli.main(["convert", "to-hf", str(tmp_path / "ours"), str(tmp_path / "wide"),
+                     "--dtype", "float32"]) == 0
+    assert all(x.dtype == np.float32 for x in _tensors(tmp_path / "wide").values())
+
+
+def test_every_model_path_loads_the_sources_tokenizer(tmp_path):
+    """A small BPE whose tokenizer_config.json names no class: transformers takes the class from
+    config.json's model type (Qwen2Tokenizer). Our checkpoint, a run's checkpoint directory and
+    a step directory in it must load that class and split prompts into the same ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    corpus = ["What is 12 + 7? 12 + 7 = 19", "1 + 1 = \\boxed{2}", "3456 * 78 = 269568"] * 30
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    src = tmp_path / "src"
+    make_hf_model(src, vocab=320)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(src)
+    config = json.load(open(src / "tokenizer_config.json"))
+    config.pop("tokenizer_class", None)  # as in many released models: the model type decides
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    conv.convert_from_hf(str(src), str(tmp_path / "ours"))
+    run_ckpts = tmp_path / "run" / "checkpoints"  # what the trainer writes beside its steps
+    _, cfg = conv.load_params(str(src))
+    conv.write_model_files(str(run_ckpts), cfg, str(tmp_path / "ours"))
+    (run_ckpts / "3").mkdir()
+
+    reference = AutoTokenizer.from_pretrained(src)
+    prompts = ["What is 12 + 7?", "3456 * 78", " 1 + 1 = \\boxed{2}\n", "12+7=19"]
+    want = [reference(p)["input_ids"] for p in prompts]
+    for path in (src, tmp_path / "ours", run_ckpts, run_ckpts / "3"):
+        tok = conv.load_tokenizer(str(path))
+        assert type(tok) is type(reference), path
+        assert [tok(p)["input_ids"] for p in prompts] == want, path
+    # without the source's config the generic class splits differently: the test can fail
+    generic = AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert [generic(p)["input_ids"] for p in prompts] != want
 
 
 def test_safetensors_writer_reader_round_trip(tmp_path):

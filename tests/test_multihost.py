@@ -199,8 +199,51 @@ def test_set_cpu_device_count_rewrites_xla_flags(monkeypatch):
 
         jax.devices()  # the test session's backend is up: too late to change the count
         dist.set_cpu_device_count(4)
-    assert os.environ["XLA_FLAGS"].split() == ["--xla_foo=1",
+    timeouts = [f"{k}={v}" for k, v in dist.CPU_COLLECTIVE_TIMEOUT_FLAGS.items()]
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_foo=1", *timeouts,
                                                "--xla_force_host_platform_device_count=4"]
+
+
+# Two virtual CPU devices; device 1 reaches an all-reduce SLOW seconds after device 0.
+_LATE_DEVICE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from r1zero_jax import distributed
+distributed.set_cpu_device_count(2)
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import io_callback
+from jax.sharding import Mesh, PartitionSpec as P
+
+def late(i):
+    if int(i) == 1:
+        time.sleep(float(sys.argv[2]))
+    return np.float32(0)
+
+def f(x):
+    z = io_callback(late, jax.ShapeDtypeStruct((), jnp.float32), jax.lax.axis_index("d"))
+    return jax.lax.psum(x + z, "d")
+
+mesh = Mesh(np.array(jax.devices()), ("d",))
+out = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("d"), out_specs=P()))(jnp.ones(2))
+print("sum", float(jax.block_until_ready(out)[0]))
+"""
+
+
+def test_cpu_collective_timeout_is_raised_and_honoured(tmp_path):
+    """XLA:CPU aborts a collective `terminate` seconds after its stuck warning; with the warning
+    at 1 s, a device 4 s late kills the process at XLA's setting of 2 s (the flag is read) and
+    not at the project's (set_cpu_device_count)."""
+    script = tmp_path / "late.py"
+    script.write_text(_LATE_DEVICE)
+    warn = "--xla_cpu_collective_call_warn_stuck_timeout_seconds=1"
+    envs = [{"XLA_FLAGS": warn},
+            {"XLA_FLAGS": warn + " --xla_cpu_collective_call_terminate_timeout_seconds=2"}]
+    procs = [subprocess.Popen([sys.executable, str(script), ROOT, "4"], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", **env}) for env in envs]
+    (ours, _), (xla, _) = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 0 and "sum 2.0" in ours, ours
+    assert procs[1].returncode != 0 and "Termination timeout" in xla, xla[-2000:]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

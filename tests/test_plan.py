@@ -129,3 +129,44 @@ def test_continuous_batching_kv_cache_and_slots_that_fit():
         load_config("qwen2_5_math_7b_dr_grpo", [f"sampling.decode_slots={s}"]),
         "v4-64")["per_device_bytes"]["sample_phase"]
     assert at(top) <= limit < at(top + 16)
+
+
+def test_plan_reads_the_shape_at_model_path(tmp_path):
+    """An HF config.json or our checkpoint's marker at model.path is planned, not the preset; a
+    path that does not exist falls back to the preset, saying so."""
+    from r1zero_jax.convert import hf as conv
+
+    v, d, f, layers, n, k, h = 256, 64, 96, 3, 4, 2, 16
+    shape = QwenConfig(vocab_size=v, hidden_size=d, intermediate_size=f, num_layers=layers,
+                       num_heads=n, num_kv_heads=k, head_dim=h, tie_word_embeddings=False)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(shape.to_hf_dict()))
+    conv.write_marker(str(tmp_path / "ours"), shape)
+    # embedding + untied head + final norm; per layer q k v o (+ q k v biases), MLP, two norms
+    want = 2 * v * d + d + layers * (2 * d * n * h + 2 * d * k * h + n * h + 2 * k * h
+                                     + 3 * d * f + 2 * d)
+    for path in (tmp_path / "hf", tmp_path / "ours"):
+        cfg = load_config("qwen2_5_0_5b_cpu", [f"model.path={path}"])
+        p = plan_lib.plan_config(cfg)
+        assert p["num_params"] == want and p["model_source"] == str(path)
+        assert p["topology"] == "cpu-1" and "note" not in p
+    cfg = load_config("qwen2_5_0_5b_cpu", [f"model.path={tmp_path / 'absent'}"])
+    p = plan_lib.plan_config(cfg)
+    assert p["num_params"] == 494_032_768  # the qwen2.5-0.5b preset
+    assert p["model_source"].startswith("preset qwen2.5-0.5b") and "not found" in p["model_source"]
+
+
+def test_cpu_plan_reports_host_ram_and_warns_before_loading(monkeypatch):
+    cfg = load_config("qwen2_5_0_5b_cpu", ["model.path="])
+    p = plan_lib.plan_config(cfg)
+    h, d = p["host"], p["per_device_bytes"]
+    assert h["peak_bytes"] == p["chips"] * d["peak"] + plan_lib.HOST_BASE_BYTES
+    # 494M float32 params + Adam mu and nu, at the least
+    assert h["peak_bytes"] > 494_032_768 * 12
+    assert "host RAM" in plan_lib.format_plan(p)
+    monkeypatch.setattr(plan_lib, "machine_ram", lambda: (8 * GiB, 6 * GiB))
+    warning = plan_lib.host_warning(cfg)
+    assert warning.startswith("warning: this run needs about") and "6.00 GiB available" in warning
+    monkeypatch.setattr(plan_lib, "machine_ram", lambda: (512 * GiB, 500 * GiB))
+    assert plan_lib.host_warning(cfg) is None
+    assert plan_lib.host_warning(load_config("qwen2_5_math_1_5b_dr_grpo")) is None  # not CPU

@@ -100,10 +100,12 @@ def test_generate_cli_writes_jsonl_and_prints(model_dir, tmp_path, capsys):
         assert row["text"] == want
         assert row["finish_reason"] == ("length" if len(row["token_ids"]) == 6 else "stop")
     assert rows[0]["token_ids"] != rows[1]["token_ids"]  # two samples of one prompt
+    err = capsys.readouterr().err
+    assert "generate: 2/2 prompts" in err and "tokens/s" in err and "ETA" in err
     # the per-rollout report: one call of 2 prompts padded to the 8 batch shards, 2 samples each
     lengths = [len(r["token_ids"]) for r in rows]
     report = re.search(r"generate: (\d+) decode steps, (\d+) tokens, slot utilization ([\d.]+)",
-                       capsys.readouterr().err)
+                       err)
     assert (int(report[1]), int(report[2])) == (max(lengths), sum(lengths))
     assert float(report[3]) == pytest.approx(sum(lengths) / (8 * 2 * max(lengths)), abs=1e-3)
     # printed texts, same seed: the same completions
@@ -166,3 +168,27 @@ def test_convert_from_hf_then_greedy_generate_equals_transformers(tmp_path, fami
             if tok.eos_token_id in want:  # transformers pads after the stop; we end there
                 want = want[:want.index(tok.eos_token_id) + 1]
             assert row["token_ids"] == want, (out.name, row["prompt"])
+
+
+def test_sampler_reports_progress_without_changing_samples(model_dir):
+    """on_progress splits the decode loop into PROGRESS_EVERY-step calls; samples are the same."""
+    import jax.numpy as jnp
+
+    from r1zero_jax.convert.hf import load_model
+    from r1zero_jax.sampling.sampler import PROGRESS_EVERY, SamplingParams, sample
+    from r1zero_jax.sharding import make_mesh
+
+    mesh = make_mesh("data=-1")
+    net, _, tok = load_model(model_dir, mesh, dtype=jnp.float32)
+    tokens = np.array([[0, 5, 6, 7], [8, 9, 10, 11]], np.int32)
+    mask = np.array([[False, True, True, True], [True] * 4])
+    m = 2 * PROGRESS_EVERY + 6
+    params = SamplingParams(max_new_tokens=m, temperature=1.0, n=2, ignore_eos=True)
+    calls = []
+    a = sample(net, tokens, mask, params, seed=1, mesh=mesh)
+    b = sample(net, tokens, mask, params, seed=1, mesh=mesh,
+               on_progress=lambda rows, toks: calls.append((rows, toks)))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    # 4 rows, all running to m (ignore_eos); prefill made token 1, each call PROGRESS_EVERY more
+    k = PROGRESS_EVERY
+    assert calls == [(0, 4 * (k + 1)), (0, 4 * (2 * k + 1)), (4, 4 * m)]

@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 
 from r1zero_jax import dtypes, models, paths
 from r1zero_jax import sharding as shd
-from r1zero_jax.convert.safetensors_io import FLOAT_DTYPES, SafetensorsFile, write_safetensors
+from r1zero_jax.convert.safetensors_io import (FLOAT_DTYPES, SafetensorsFile,
+                                               write_safetensors_streamed)
 from r1zero_jax.models import DecoderConfig, eos_ids
 from r1zero_jax.models.decoder import (abstract_model, check_mesh_fits, model_from_params,
                                        param_shardings, params_of)
@@ -225,46 +226,64 @@ def _hf_shape(path, ours_shape):
 
 
 # -- writing ----------------------------------------------------------------------------------
+def _hf_tensor(params: dict, path, to_hf, dtype) -> np.ndarray:
+    w = np.asarray(jax.device_get(_get(params, path)))
+    w = to_hf(w)
+    return np.ascontiguousarray(w.astype(dtype) if dtype is not None else w)
+
+
 def params_to_hf_tensors(params: dict, config: DecoderConfig, dtype=None) -> dict[str, np.ndarray]:
     """Our params (nested dict, arrays anywhere) -> {HF name: numpy array}."""
-    out = {}
-    for path, name, _, to_hf in weight_table(config):
-        w = np.asarray(jax.device_get(_get(params, path)))
-        w = np.ascontiguousarray(to_hf(w))
-        out[name] = w.astype(dtype) if dtype is not None else w
-    return out
+    return {name: _hf_tensor(params, path, to_hf, dtype)
+            for path, name, _, to_hf in weight_table(config)}
 
 
-def write_hf_dir(out_dir: str, params: dict, config: DecoderConfig, *, dtype: str = "bfloat16",
+def params_dtype(params: dict) -> str:
+    """'float32' or 'bfloat16': the params' floating dtype (the widest when they mix)."""
+    kinds = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
+    return "float32" if np.dtype(np.float32) in kinds or not kinds else "bfloat16"
+
+
+def write_hf_dir(out_dir: str, params: dict, config: DecoderConfig, *, dtype: str | None = None,
                  base_hf_config: dict | None = None) -> None:
     """A directory that transformers' AutoModelForCausalLM.from_pretrained loads offline.
 
-    `base_hf_config` (the source's config.json) keeps fields we do not model, e.g. token ids.
+    `dtype` None keeps the params' own (see `params_dtype`). Tensors are converted and written
+    one at a time, so the host holds the params plus one tensor. `base_hf_config` (the source's
+    config.json) keeps fields we do not model, e.g. token ids.
     """
+    dtype = dtypes.check(dtype or params_dtype(params), "dtype")
+    np_dtype = dtypes.numpy_dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)
-    tensors = params_to_hf_tensors(params, config, dtypes.numpy_dtype(dtype))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump({**(base_hf_config or {}), **config.to_hf_dict(torch_dtype=dtype)}, f, indent=2)
+    rows = {name: (path, to_hf) for path, name, _, to_hf in weight_table(config)}
+    specs = {}
+    for name, (path, _) in rows.items():
+        ours = _get(params, path)
+        specs[name] = (_hf_shape(path, ours.shape), np_dtype)
     shards, current, size = [], {}, 0
-    for name, w in tensors.items():
-        if current and size + w.nbytes > MAX_SHARD_BYTES:
+    for name, (shape, dt) in specs.items():
+        nbytes = math.prod(shape) * dt.itemsize
+        if current and size + nbytes > MAX_SHARD_BYTES:
             shards.append(current)
             current, size = {}, 0
-        current[name] = w
-        size += w.nbytes
+        current[name] = (shape, dt)
+        size += nbytes
     shards.append(current)
+    produce = lambda name: _hf_tensor(params, *rows[name], np_dtype)  # noqa: E731
     if len(shards) == 1:
-        write_safetensors(os.path.join(out_dir, "model.safetensors"), shards[0])
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(os.path.join(out_dir, fn), shard)
-            weight_map.update({name: fn for name in shard})
-        index = {"metadata": {"total_size": sum(w.nbytes for w in tensors.values())},
-                 "weight_map": weight_map}
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+        write_safetensors_streamed(os.path.join(out_dir, "model.safetensors"), shards[0], produce)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors_streamed(os.path.join(out_dir, fn), shard, produce)
+        weight_map.update({name: fn for name in shard})
+    total = sum(math.prod(shape) * dt.itemsize for shape, dt in specs.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def copy_side_files(src: str, dst: str) -> list[str]:
@@ -344,13 +363,19 @@ def convert_from_hf(hf_dir: str, out: str) -> None:
     with _local_dir(hf_dir) as local:
         hf_config = read_hf_config_dict(local)
         config = read_config(local)
-        params = read_hf_params(local, config)
+        # Tensor by tensor into arrays of one CPU device, each memory-mapped tensor let go
+        # after: 1.9x the checkpoint's size at the peak (Orbax's write buffers), not 2.4x.
+        one_device = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1, 1),
+                          ("data", "fsdp", "tensor"))
+        params = read_hf_params(local, config, one_device)
         save_params(out, params, config, hf_config)
         copy_side_files(local, out)
-    print(f"wrote {out} ({sum(np.size(x) for x in jax.tree.leaves(params)):,} params)")
+    print(f"wrote {out} ({sum(np.size(x) for x in jax.tree.leaves(params)):,} params, "
+          f"{params_dtype(params)})")
 
 
-def convert_to_hf(ckpt: str, out: str, dtype: str = "bfloat16") -> None:
+def convert_to_hf(ckpt: str, out: str, dtype: str | None = None) -> None:
+    """Our checkpoint -> an HF directory, in `dtype` (None: the checkpoint's own, lossless)."""
     if not is_our_checkpoint(ckpt):
         raise ValueError(f"{ckpt} is not an r1zero-jax checkpoint (no {MARKER})")
     from r1zero_jax.checkpoint import restore_params
@@ -358,6 +383,7 @@ def convert_to_hf(ckpt: str, out: str, dtype: str = "bfloat16") -> None:
     hf_config = read_hf_config_dict(ckpt)
     config = read_config(ckpt)
     params = restore_params(ckpt)
+    dtype = dtype or params_dtype(params)
     with tempfile.TemporaryDirectory(prefix="r1zero-") as tmp:
         local = tmp if paths.is_gcs(out) else out
         write_hf_dir(local, params, config, dtype=dtype, base_hf_config=hf_config)
@@ -365,6 +391,15 @@ def convert_to_hf(ckpt: str, out: str, dtype: str = "bfloat16") -> None:
             _upload_dir(local, out)
     copy_side_files(_ckpt_root(ckpt), out)
     print(f"wrote {out} ({dtype})")
+
+
+def write_model_files(directory: str, config: DecoderConfig, source: str | None = None) -> None:
+    """Makes `directory` (a run's checkpoints, its final model) a model path that loads like
+    `source` (the HF directory or checkpoint it was trained from): the marker with the source's
+    HF config, and the source's tokenizer files."""
+    write_marker(directory, config, read_hf_config_dict(source) if source else None)
+    if source:
+        copy_side_files(_ckpt_root(source) if is_our_checkpoint(source) else source, directory)
 
 
 def load_params(path: str, mesh: Mesh | None = None, dtype=None) -> tuple[dict, DecoderConfig]:
@@ -399,12 +434,22 @@ def load_model(path: str, mesh: Mesh, *, dtype=jnp.float32, param_dtype=None, re
 
 
 def load_tokenizer(path: str):
-    """The tokenizer saved beside a model (HF dir or our checkpoint), or None."""
-    root = _ckpt_root(path) if is_our_checkpoint(path) else path
+    """The tokenizer saved beside a model (HF dir or our checkpoint, local or gs://), or None.
+
+    transformers picks the tokenizer class from config.json's model type (Qwen2 ->
+    Qwen2Tokenizer), and without one falls back to a generic class that may split text
+    differently; our checkpoint carries the source's HF config in its marker instead, which is
+    handed over here so both load the same tokenizer with the same settings.
+    """
+    ours = is_our_checkpoint(path)
+    root = _ckpt_root(path) if ours else path
     if not any(paths.exists(paths.join(root, f)) for f in ("tokenizer.json", "vocab.json")):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     with _local_dir(root) as local:
-        return AutoTokenizer.from_pretrained(local)
+        if not ours:
+            return AutoTokenizer.from_pretrained(local)
+        hf_config = read_hf_config_dict(path)
+        return AutoTokenizer.from_pretrained(local, config=AutoConfig.for_model(**hf_config))
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -67,21 +68,35 @@ class SafetensorsFile:
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None):
     """Write `tensors` (name -> array) in the safetensors format, in name order."""
+    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    write_safetensors_streamed(path, {n: (a.shape, a.dtype) for n, a in arrays.items()},
+                               arrays.__getitem__, metadata)
+
+
+def write_safetensors_streamed(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+                               produce: Callable[[str], np.ndarray],
+                               metadata: dict | None = None) -> None:
+    """Write tensors known by (shape, dtype) ahead, each made by `produce(name)` only when its
+    turn comes and dropped after: one tensor in memory at a time."""
     header, offset = {}, 0
-    arrays = {}
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        if a.dtype not in _NAMES:
-            raise ValueError(f"cannot write {name}: dtype {a.dtype} has no safetensors name")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        arrays[name] = a
-        offset += a.nbytes
+    for name in sorted(specs):
+        shape, dtype = tuple(specs[name][0]), np.dtype(specs[name][1])
+        if dtype not in _NAMES:
+            raise ValueError(f"cannot write {name}: dtype {dtype} has no safetensors name")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     header["__metadata__"] = dict(metadata or {"format": "pt"})
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name in sorted(arrays):
-            f.write(arrays[name].tobytes())
+        for name in sorted(specs):
+            a = np.ascontiguousarray(produce(name))
+            want = header[name]
+            if list(a.shape) != want["shape"] or _NAMES.get(a.dtype) != want["dtype"]:
+                raise ValueError(f"{name}: produced {a.dtype}{list(a.shape)}, declared "
+                                 f"{want['dtype']}{want['shape']}")
+            f.write(a.reshape(-1).view(np.uint8).data)

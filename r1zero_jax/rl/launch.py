@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -48,7 +49,9 @@ def train_cli(config: str, overrides=(), workdir: str | None = None, steps: int 
     from r1zero_jax.rl.trainer import Trainer
 
     workdir = workdir or default_workdir(config)
-    trainer = Trainer(cfg, workdir, allow_config_change=allow_config_change)
+    # The command line also turns Ctrl-C into a checkpointed stop (at once before the first step).
+    trainer = Trainer(cfg, workdir, allow_config_change=allow_config_change,
+                      stop_signals=(signal.SIGTERM, signal.SIGINT))
     if jax.process_index() == 0:
         paths.write_text(paths.join(workdir, "config.json"), json.dumps(to_dict(trainer.cfg), indent=2))
         print(f"train {cfg.name}: {jax.device_count()} {jax.devices()[0].platform} devices, "

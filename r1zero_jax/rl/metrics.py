@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 import numpy as np
 
 from r1zero_jax import paths
+from r1zero_jax.progress import Progress, fmt_duration
 
 from r1zero_jax.analysis import has_self_reflection
 
@@ -51,11 +51,6 @@ def group_stats(rewards: np.ndarray, group_size: int) -> dict:
             "solved_all_groups": float((g > 0).all(axis=1).mean())}
 
 
-def _fmt_time(s: float) -> str:
-    s = max(0, int(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def _num(x) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
@@ -77,7 +72,7 @@ def progress_line(m: dict, total: int, rate_s: float, eta_s: float) -> str:
     ]
     if "eval_accuracy" in m:
         parts.append(f"EVAL {m['eval_accuracy']:.3f}")
-    parts.append(f"{rate_s:.1f} s/step ETA {_fmt_time(eta_s)}")
+    parts.append(f"{rate_s:.1f} s/step ETA {fmt_duration(eta_s)}")
     return " | ".join(parts)
 
 
@@ -93,7 +88,9 @@ class RunLogger:
         self.workdir, self.total, self.enabled, self.print = workdir, total_steps, enabled, printer
         self.path = paths.join(workdir, "metrics.jsonl")
         self.history = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-        self._start_step, self._t0 = start_step, time.perf_counter()
+        # rate and ETA leave out the first step's compilation once a second step is done
+        self._progress = Progress("train", total_steps, "steps", start=start_step,
+                                  printer=lambda line: None)
         self._tb = None
         if enabled:
             paths.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
@@ -111,8 +108,8 @@ class RunLogger:
         metrics = {k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
                    for k, v in metrics.items()}
         self.history.append(metrics)
-        done = step - self._start_step
-        rate = (time.perf_counter() - self._t0) / max(done, 1)
+        self._progress.update(step)
+        rate = 1 / max(self._progress.rate, 1e-9)
         if not self.enabled:
             return
         paths.append_text(self.path, json.dumps(metrics, allow_nan=True) + "\n")
@@ -121,7 +118,7 @@ class RunLogger:
                 if k != "step" and isinstance(v, (int, float)) and not math.isnan(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
-        self.print(progress_line(metrics, self.total, rate, rate * (self.total - step)), flush=True)
+        self.print(progress_line(metrics, self.total, rate, self._progress.eta_s), flush=True)
 
     def close(self) -> None:
         if self._tb is not None:

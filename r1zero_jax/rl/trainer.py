@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -135,7 +136,7 @@ class Trainer:
     """Dr. GRPO / GRPO training of one config in one run directory (resumable)."""
 
     def __init__(self, cfg: RunConfig, workdir: str, *, mesh=None, allow_config_change: bool = False,
-                 printer=print):
+                 printer=print, stop_signals=(signal.SIGTERM,)):
         self.mesh = mesh or shd.make_mesh(cfg.mesh.spec)
         self.cfg = validate(cfg, num_devices=self.mesh.devices.size)
         self.is_writer = jax.process_index() == 0
@@ -148,16 +149,30 @@ class Trainer:
             paths.check_gcs_bucket(directory)
         paths.makedirs(workdir)
         self._lock = RunLock(workdir, printer=self.print).acquire() if self.is_writer else None
+        # From here to the end of the first step a stop signal exits at once (exit code 75):
+        # there is nothing new to save while loading, compiling and sampling the first rollout.
+        from r1zero_jax.checkpoint import PreemptionGuard  # Orbax: imported after the lock
+
+        self._guard = PreemptionGuard(stop_signals, on_idle_exit=self._release_lock).__enter__()
         try:
+            if self.is_writer:  # before the load, not after minutes of it
+                from r1zero_jax.plan import host_warning
+
+                if warning := host_warning(self.cfg):
+                    print(warning, file=sys.stderr, flush=True)
             self._build()
         except BaseException:
             self.close()
             raise
 
-    def close(self) -> None:
-        """Releases the run directory (done by `run` at its end)."""
+    def _release_lock(self) -> None:
         if self._lock is not None:
             self._lock.release()
+
+    def close(self) -> None:
+        """Releases the run directory and the stop signals (done by `run` at its end)."""
+        self._guard.__exit__(None, None, None)
+        self._release_lock()
 
     def _build(self) -> None:
         """The components: task, tokenizer, model, rows, learner."""
@@ -194,13 +209,13 @@ class Trainer:
             self.close()
 
     def _run(self, total: int) -> dict:
-        from r1zero_jax.checkpoint import PREEMPTED_EXIT_CODE, PreemptionGuard
+        from r1zero_jax.checkpoint import PREEMPTED_EXIT_CODE
 
         t_run = time.perf_counter()
         run = self._restore_or_init(total)
         logprobs_fn, step_fn = jit_learner(self.learner, run.state, self.mesh)
-        preempted = False
-        with self.task.pool() as pool, PreemptionGuard() as guard:
+        preempted, guard = False, self._guard
+        with self.task.pool() as pool:
             if self.eval_rows and run.eval_before is None:
                 run.eval_before = self._eval(run.state.params, pool)["accuracy"]
             hooks = self._hooks(run, pool, guard, total)
@@ -209,6 +224,7 @@ class Trainer:
                     rollout, scores, rewards = self._rollout(run.state, step, run.pipeline, pool)
                     m, run.state = self._learn(run.state, run.ref_params, rollout, rewards,
                                                step, logprobs_fn, step_fn)
+                    guard.progressed()  # a stop signal now checkpoints before exiting
                     m = {"step": step + 1, **rollout_metrics(rollout, scores, rewards,
                                                              self.cfg.rl.group_size), **m}
                     for hook in hooks:
@@ -274,9 +290,9 @@ class Trainer:
         ckpt = self._checkpointer()
         latest = ckpt.latest_step()
         if self.is_writer:  # the run's checkpoints are model paths too (load_model, to-hf)
-            from r1zero_jax.convert.hf import write_marker
+            from r1zero_jax.convert.hf import write_model_files
 
-            write_marker(ckpt.directory, self.qconfig)
+            write_model_files(ckpt.directory, self.qconfig, c.model.path or None)
         params, self._init_params = self._init_params, None
         if latest is None and c.train.warmup_sft_steps and not c.model.path:
             params = self._warmup(params)
@@ -306,7 +322,7 @@ class Trainer:
 
     def _finish(self, run: _RunState, wall_s: float) -> dict:
         """The final weights (`convert to-hf` reads them), summary.json and the curves."""
-        from r1zero_jax.convert.hf import save_params
+        from r1zero_jax.convert.hf import save_params, write_model_files
 
         c, state = self.cfg, run.state
         model_dir = paths.join(self.workdir, "model")
@@ -317,6 +333,8 @@ class Trainer:
 
             multihost_utils.sync_global_devices("r1zero_model_dir")
         save_params(model_dir, state.params, self.qconfig)
+        if self.is_writer:
+            write_model_files(model_dir, self.qconfig, c.model.path or None)
         history = run.logger.history
         eval_before = run.eval_before
         eval_after = run.last_eval["accuracy"] if run.last_eval else None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 from r1zero_jax import dtypes, jsonl
+from r1zero_jax.progress import Progress
 from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template, check_template
 
 CHUNK_PROMPTS = 64  # prompts per sample() call: one compiled shape, bounded memory
@@ -64,7 +64,8 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
                          " positions")
 
     out = open(output, "w") if output else None
-    start, done_tokens = time.perf_counter(), 0
+    progress = Progress("generate", len(texts), "prompts")
+    done_tokens = 0
 
     def emit(first: int, ro) -> None:
         nonlocal done_tokens
@@ -76,16 +77,12 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
                 _emit(out, first + b, j, texts[first + b], ro.texts[r], ro.tokens[r, :length],
                       ro.logprobs[r, :length], str(ro.finish_reason[r]))
         done_tokens += int(ro.lengths.sum())
-        hi = first + count
-        elapsed = time.perf_counter() - start
-        eta = elapsed / hi * (len(texts) - hi)
-        print(f"generate: {hi}/{len(texts)} prompts, {hi / elapsed:.2f} prompts/s, "
-              f"{done_tokens / elapsed:.0f} tokens/s, ETA {eta:.0f}s", file=sys.stderr,
-              flush=True)
+        progress.update(first + count, tokens=done_tokens)
 
     try:
         ro = generate(net, prompt_ids, params, tokenizer=tokenizer, mesh=the_mesh, seed=seed,
-                      prompts_per_call=CHUNK_PROMPTS, on_call=emit)
+                      prompts_per_call=CHUNK_PROMPTS, on_call=emit,
+                      on_progress=lambda rows, tokens: progress.update(rows // n, tokens=tokens))
     finally:
         if out:
             out.close()

@@ -16,6 +16,7 @@ RL rollouts, the trainer's held-out eval, `r1zero-jax eval` and `r1zero-jax gene
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -46,14 +47,17 @@ def pad_id(tokenizer) -> int:
 
 def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingParams, *, tokenizer,
              mesh, seed: Any, prompts_per_call: int = 0, decode_slots: int = 0,
-             on_call: Callable[[int, Rollout], None] | None = None) -> Rollout:
+             on_call: Callable[[int, Rollout], None] | None = None,
+             on_progress: Callable[[int, int], None] | None = None) -> Rollout:
     """`params.n` samples of each prompt (token lists, no padding), row p*n + j being sample j
     of prompt p. `decode_slots` > 0: one continuous batch over all rows on that many slots
     (sampling/continuous.py); else static calls of `prompts_per_call` prompts (0: all in one).
     Both give every row the same tokens: one key, each row's stream keyed by its index in the
     rollout. `seed`: an int or a JAX key. `on_call(first_prompt, rollout)` sees each call's
-    rollout as it finishes (progress, grading while the next call samples). The returned
-    Rollout's `report` is `sampler.rollout_report` over the calls."""
+    rollout as it finishes (grading while the next call samples); `on_progress(rows, tokens)`
+    gets the finished rows and generated tokens of the rollout so far from inside long static
+    calls (progress lines). The returned Rollout's `report` is `sampler.rollout_report` over the
+    calls."""
     from r1zero_jax.sampling.continuous import sample_continuous
 
     if not len(prompt_tokens):
@@ -75,14 +79,22 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingPara
             on_call(0, parts[0])
     else:
         per_call = min(prompts_per_call or count, count)
+        rows_before = tokens_before = 0
         for start in range(0, count, per_call):
             batch = [prompt_tokens[i]
                      for i in np.minimum(np.arange(start, start + per_call), count - 1)]
             ptok, pmask = left_pad(batch, pad, prompt_width(max(map(len, batch))))
-            out = sample(model, ptok, pmask, params, seed=key, mesh=mesh, tokenizer=tokenizer,
-                         row_offset=start * params.n)
             real = min(per_call, count - start) * params.n
+            report = None
+            if on_progress is not None:
+                report = functools.partial(
+                    lambda rows, tokens, r0, t0: on_progress(r0 + min(rows, real), t0 + tokens),
+                    r0=rows_before, t0=tokens_before)
+            out = sample(model, ptok, pmask, params, seed=key, mesh=mesh, tokenizer=tokenizer,
+                         row_offset=start * params.n, on_progress=report)
             out = out.take(slice(0, real)) if real < out.size else out
+            rows_before += real
+            tokens_before += int(out.lengths.sum())
             if on_call is not None:
                 on_call(start, out)
             parts.append(out)

@@ -47,6 +47,7 @@ from r1zero_jax.sampling import stop_strings as stops
 
 MIN_PROMPT_WIDTH = 8  # see prompt_width
 PREFILL_CHUNK = 256  # longer prompts are prefilled this many tokens at a time (bounded scores)
+PROGRESS_EVERY = 32  # decode steps between progress reports (sample(..., on_progress=...))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,8 +292,9 @@ def prefill(state, tokens, mask, key, row_offset, temperature, top_p, tables, fi
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("loop",))
-def decode(state, loop, temperature, top_p, tables, finals, *, graphdef, plan):
-    """Decode one token per row per iteration until every row is done."""
+def decode(state, loop, temperature, top_p, tables, finals, until=None, *, graphdef, plan):
+    """Decode one token per row per iteration until every row is done (or `until` tokens, an
+    int32 scalar, are generated: the host then reports progress and calls again)."""
     model = nnx.merge(graphdef, state)
     r = loop.last.shape[0]
     one = jnp.ones((r, 1), bool)
@@ -306,7 +308,11 @@ def decode(state, loop, temperature, top_p, tables, finals, *, graphdef, plan):
         loop = loop.replace(cache=_constrain_cache(cache, plan.mesh))
         return _advance(loop, token, logp, logits, tables, finals, plan)
 
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, loop)
+    def cond(s: _Loop):
+        going = ~jnp.all(s.done)
+        return going if until is None else going & (s.step < until)
+
+    return jax.lax.while_loop(cond, body, loop)
 
 
 def serving_state(state, mesh: Mesh, dtype):
@@ -445,14 +451,17 @@ def prepare(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: 
 
 
 def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
-           tokenizer=None, return_logits: bool = False, row_offset: int = 0) -> Rollout:
+           tokenizer=None, return_logits: bool = False, row_offset: int = 0,
+           on_progress=None) -> Rollout:
     """Sample `params.n` completions for each left-padded prompt.
 
-    model: a Qwen2 whose params are on `mesh`; prompt_tokens int32 [B, Tp], prompt_mask bool
-    [B, Tp] (left-padded); seed: int or a jax PRNG key; tokenizer: adds its EOS ids to the stop
-    ids, is required for stop strings, and fills `Rollout.texts`. return_logits keeps every
-    step's raw logits (debugging and tests: R*M*V floats). row_offset: the rollout index of this
-    call's first row (its random stream), when a rollout is split into calls.
+    model: a decoder (models/decoder.py) whose params are on `mesh`; prompt_tokens int32 [B, Tp],
+    prompt_mask bool [B, Tp] (left-padded); seed: int or a jax PRNG key; tokenizer: adds its EOS
+    ids to the stop ids, is required for stop strings, and fills `Rollout.texts`. return_logits
+    keeps every step's raw logits (debugging and tests: R*M*V floats). row_offset: the rollout
+    index of this call's first row (its random stream), when a rollout is split into calls.
+    on_progress(rows_done, tokens): called every PROGRESS_EVERY decode steps with the finished
+    rows and generated tokens so far (of the B*n real rows), for progress lines.
     """
     c = prepare(model, prompt_tokens, prompt_mask, params, seed=seed, mesh=mesh,
                 tokenizer=tokenizer, return_logits=return_logits)
@@ -463,7 +472,19 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
                    c.finals, **static)
     jax.block_until_ready(loop)
     t1 = time.perf_counter()
-    loop = decode(c.state, loop, c.temperature, c.top_p, c.tables, c.finals, **static)
+    if on_progress is None:
+        loop = decode(c.state, loop, c.temperature, c.top_p, c.tables, c.finals, **static)
+    else:
+        r = c.prompts * params.n
+        while True:
+            until = jax.device_put(np.int32(int(loop.step) + PROGRESS_EVERY),
+                                   shd.replicated(mesh))
+            loop = decode(c.state, loop, c.temperature, c.top_p, c.tables, c.finals, until,
+                          **static)
+            done = shd.to_host(loop.done)
+            on_progress(int(done[:r].sum()), int(shd.to_host(loop.lengths)[:r].sum()))
+            if done.all():
+                break
     jax.block_until_ready(loop)
     steps = int(loop.step)  # with compilation on a first call
     timings = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1,
