@@ -28,6 +28,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "ruff>=0.6",
             # libtpu: tests compile the programs for TPU topologies on the CPU host
             "jax[tpu]>=0.10.2",
             "torch==2.13.0",

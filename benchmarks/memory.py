@@ -127,7 +127,8 @@ def train_child(args: list[str], phases_path: str) -> int:
             phases.append({"phase": label, "wall_s": round(time.perf_counter() - t0, 2),
                            "peak_rss_bytes": peak_rss()})
             last = phases[-1]
-            log(f"  {label}: {last['wall_s']:.1f}s, peak RSS {last['peak_rss_bytes'] / GiB:.2f} GiB")
+            log(f"  {label}: {last['wall_s']:.1f}s, "
+                f"peak RSS {last['peak_rss_bytes'] / GiB:.2f} GiB")
             save()
             return out
         return wrapped

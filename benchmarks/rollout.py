@@ -78,7 +78,7 @@ def main() -> None:
                         decode_slots=args.slots)
 
     results = {}
-    for name, fn in (("static", static), ("continuous", continuous)):
+    for fn in (static, continuous):
         fn()  # compile
     for _ in range(args.repeats):  # alternate, so both see the same machine load
         for name, fn in (("static", static), ("continuous", continuous)):

@@ -49,13 +49,15 @@ def model_flops_per_token(qc, seq: int) -> float:
     d, layers = qc.hidden_size, qc.num_layers
     attn = d * (qc.num_heads + 2 * qc.num_kv_heads) * qc.head_dim + qc.num_heads * qc.head_dim * d
     mlp = 3 * d * qc.intermediate_size
-    dense = layers * (attn + mlp) + d * qc.vocab_size  # the LM head counts, the embedding lookup not
+    # the LM head counts, the embedding lookup not
+    dense = layers * (attn + mlp) + d * qc.vocab_size
     return 6.0 * dense + 12.0 * layers * qc.num_heads * qc.head_dim * seq
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.cpu_devices and "jax" not in sys.modules and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu" \
+    if a.cpu_devices and "jax" not in sys.modules \
+            and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu" \
             and not any(os.path.exists(f"/dev/{d}") for d in ("nvidia0", "accel0")):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={a.cpu_devices}")

@@ -1,11 +1,11 @@
 """Checkpoints on Orbax (local or gs://), resume checks, and preemption handling.
 
 A checkpoint step holds two Orbax items: `state`, a dict of pytrees of arrays (params,
-optimizer state, typed `jax.random.key`s, step counters) saved sharded, and `meta`, a JSON dict (resolved config,
-data-pipeline position, anything else a resumed run needs). Orbax writes each step to a
-temporary place and commits it atomically (rename locally, a commit file on GCS), so a process
-killed mid-save leaves the previous step restorable; the partial one is deleted when the next
-`Checkpointer` opens the directory.
+optimizer state, typed `jax.random.key`s, step counters) saved sharded, and `meta`, a JSON
+dict (resolved config, data-pipeline position, anything else a resumed run needs). Orbax
+writes each step to a temporary place and commits it atomically (rename locally, a commit file
+on GCS), so a process killed mid-save leaves the previous step restorable; the partial one is
+deleted when the next `Checkpointer` opens the directory.
 """
 
 from __future__ import annotations
@@ -206,7 +206,8 @@ class Checkpointer:
                 raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
             return steps[::-1]
         if step not in steps:
-            raise FileNotFoundError(f"checkpoint step {step} not in {self.directory}; steps: {steps}")
+            raise FileNotFoundError(f"checkpoint step {step} not in {self.directory}; "
+                                    f"steps: {steps}")
         return [step]
 
     def _newest_readable(self, step: int | None, args: ocp.args.Composite) -> tuple[int, dict]:

@@ -63,7 +63,8 @@ def _add_generate(sub):
 
 def _add_grade(sub):
     p = sub.add_parser("grade", help="grade responses against reference answers")
-    p.add_argument("--input", required=True, help="JSONL with `response`, `answer`, optional `template`")
+    p.add_argument("--input", required=True,
+                   help="JSONL with `response`, `answer`, optional `template`")
     p.add_argument("--output", help="JSONL: input rows plus `reward` and `extracted`")
     p.add_argument("--workers", type=int, default=None)
 

@@ -237,7 +237,8 @@ def _coerce(value, t, key: str):
     if origin is tuple:
         if isinstance(value, str):
             try:
-                value = ast.literal_eval(value if value.strip().startswith(("(", "[")) else f"({value},)")
+                value = ast.literal_eval(
+                    value if value.strip().startswith(("(", "[")) else f"({value},)")
             except (ValueError, SyntaxError):
                 raise bad from None
         if not isinstance(value, (list, tuple)):
@@ -247,7 +248,7 @@ def _coerce(value, t, key: str):
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(args) != len(value):
             raise bad
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=False))
     raise ValueError(f"--set {key}: fields of type {_type_name(t)} cannot be overridden")
 
 
@@ -259,7 +260,8 @@ def _replace_path(cfg, path: list[str], value, full_key: str):
         if dataclasses.is_dataclass(t):
             raise ValueError(f"--set {full_key}: {full_key} is a section; set one of its fields")
         return dataclasses.replace(cfg, **{name: _coerce(value, t, full_key)})
-    return dataclasses.replace(cfg, **{name: _replace_path(getattr(cfg, name), path[1:], value, full_key)})
+    inner = _replace_path(getattr(cfg, name), path[1:], value, full_key)
+    return dataclasses.replace(cfg, **{name: inner})
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -272,7 +274,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         key = key.strip()
         fields = [k for k in valid if k.startswith(key + ".")]
         if fields:
-            raise ValueError(f"--set {key}: {key} is a section; set one of its fields: {', '.join(fields)}")
+            raise ValueError(f"--set {key}: {key} is a section; set one of its fields: "
+                             f"{', '.join(fields)}")
         if key not in valid:
             raise ValueError(f"--set: unknown key {key!r}; valid keys are: {', '.join(valid)}")
         cfg = _replace_path(cfg, key.split("."), value, key)
@@ -394,7 +397,8 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
     if rl.loss not in LOSS_NAMES:
         raise ValueError(f"rl.loss: unknown loss {rl.loss!r}; choose one of {list(LOSS_NAMES)}")
     if rl.aggregation not in AGGREGATIONS:
-        raise ValueError(f"rl.aggregation: unknown {rl.aggregation!r}; choose one of {list(AGGREGATIONS)}")
+        raise ValueError(f"rl.aggregation: unknown {rl.aggregation!r}; "
+                         f"choose one of {list(AGGREGATIONS)}")
     if cfg.data.template not in TEMPLATES:
         raise ValueError(f"data.template: unknown template {cfg.data.template!r}; "
                          f"choose one of {sorted(TEMPLATES)}")
@@ -478,7 +482,8 @@ def resolve_config_path(path_or_name: str) -> Path:
     raise FileNotFoundError(f"config {path_or_name!r} not found; known configs: {names}")
 
 
-def load_config(path_or_name: str, overrides: list[str] = (), num_devices: int | None = None) -> RunConfig:
+def load_config(path_or_name: str, overrides: list[str] = (),
+                num_devices: int | None = None) -> RunConfig:
     """Run `config()` of a configs/*.py file, apply `--set` overrides, validate."""
     path = resolve_config_path(path_or_name)
     spec = importlib.util.spec_from_file_location(f"r1zero_config_{path.stem}", path)

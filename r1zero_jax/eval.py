@@ -20,7 +20,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -162,7 +163,7 @@ def format_table(results: dict, label: str = "model") -> str:
     first = max(len(r[0]) for r in rows + [("Model", [])])
     widths = [max(len(h), *(len(r[1][i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda head, cells: "  ".join(  # noqa: E731
-        [head.ljust(first)] + [c.rjust(w) for c, w in zip(cells, widths)])
+        [head.ljust(first)] + [c.rjust(w) for c, w in zip(cells, widths, strict=False)])
     out = [line("Model", header), "-" * len(line("Model", header))]
     out += [line(h, cells) for h, cells in rows]
     return "\n".join(out)
@@ -220,7 +221,7 @@ def grade_records(records: list[dict], pool, default_template: str = "qwen_math"
     for template, ids in by_template.items():
         results = pool.grade([records[i]["response"] for i in ids],
                              [records[i]["answer"] for i in ids], template)
-        for i, g in zip(ids, results):
+        for i, g in zip(ids, results, strict=False):
             records[i].update(extracted=g.extracted, correct=g.reward > 0, timed_out=g.timed_out)
     return records
 

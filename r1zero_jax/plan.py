@@ -467,8 +467,8 @@ def compile_plan(cfg, topology: str | None = None, printer=print) -> dict[str, A
     # (forward, remat forward, backward) and reduce-scatters the float32 gradients once; each
     # chip holds 1/tensor of every gathered weight.
     a = cfg.train.minibatch_size // cfg.microbatch
-    ideal = a * num_params(qc) * (3 * dtypes.BYTES[cfg.model.dtype]
-                                  + dtypes.BYTES[cfg.model.param_dtype]) / analytic["mesh"]["tensor"]
+    moved = 3 * dtypes.BYTES[cfg.model.dtype] + dtypes.BYTES[cfg.model.param_dtype]
+    ideal = a * num_params(qc) * moved / analytic["mesh"]["tensor"]
     learn["fsdp_ideal_bytes_per_step"] = int(ideal)
     learn["collective_ratio_to_ideal"] = round(learn["collective_bytes_per_step"] / ideal, 3)
     budget = FIT_FRACTION * topo.hbm_bytes
@@ -492,7 +492,8 @@ def format_compiled(p: dict) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in p["mesh"].items())
     v = p["versions"]
     a = p["analytic"]["per_device_bytes"]
-    analytic = {"learn": a["learn_phase"], "prefill": a["sample_phase"], "decode": a["sample_phase"]}
+    analytic = {"learn": a["learn_phase"], "prefill": a["sample_phase"],
+                "decode": a["sample_phase"]}
     lines = [f"{p['config']} compiled for {p['topology']} ({p['num_devices']} chips), mesh {mesh}; "
              f"jax {v['jax']}, libtpu {v['libtpu']}",
              f"  {'program':<9}{'peak':>11}{'analytic':>11}{'args':>11}{'temp':>11}"
@@ -507,7 +508,8 @@ def format_compiled(p: dict) -> str:
         lines.append(f"  learner collectives: {learn['collective_ratio_to_ideal']:.2f}x the FSDP "
                      f"ideal ({_gib(learn['fsdp_ideal_bytes_per_step'])} per optimizer step)")
     for name, c in p["compiled"].items():
-        top = ", ".join(f"{x['op']} {x['shape']} x{x['count']}" for x in c["largest_collectives"][:3])
+        top = ", ".join(f"{x['op']} {x['shape']} x{x['count']}"
+                        for x in c["largest_collectives"][:3])
         lines.append(f"  largest in {name}: {top}")
     lines.append(f"  HBM {_gib(p['hbm_bytes'])} per chip: "
                  + ("fits" if p["fits"] else "does NOT fit") + f" (limit {FIT_FRACTION:.0%})")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import jax
 import numpy as np

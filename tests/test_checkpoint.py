@@ -76,11 +76,12 @@ def make_meta(step: int) -> dict:
 
 def assert_bit_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8), np.asarray(y).reshape(-1).view(np.uint8))
+        np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8),
+                                      np.asarray(y).reshape(-1).view(np.uint8))
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -237,10 +238,10 @@ def test_kill9_mid_save_keeps_previous_step(ckpt_dir, mesh8):
 
 
 def test_config_check_lists_dotted_differences():
-    saved = {"model": {"name": "qwen2.5-0.5b", "dtype": "bf16"}, "train": {"steps": 100, "lr": 1e-6},
-             "seed": 1}
-    current = {"model": {"name": "qwen2.5-0.5b", "dtype": "fp32"}, "train": {"steps": 200, "lr": 1e-6},
-               "seed": 1, "new_field": True}
+    saved = {"model": {"name": "qwen2.5-0.5b", "dtype": "bf16"},
+             "train": {"steps": 100, "lr": 1e-6}, "seed": 1}
+    current = {"model": {"name": "qwen2.5-0.5b", "dtype": "fp32"},
+               "train": {"steps": 200, "lr": 1e-6}, "seed": 1, "new_field": True}
     with pytest.raises(ValueError) as err:
         check_config_compatible(saved, current, ignore=["train.steps"])
     msg = str(err.value)
@@ -289,7 +290,8 @@ class forbidding_server:
 
     class _Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            body = b'{"error": {"code": 403, "message": "caller does not have storage.objects.list"}}'
+            body = (b'{"error": {"code": 403, '
+                    b'"message": "caller does not have storage.objects.list"}}')
             self.send_response(403)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -338,7 +340,8 @@ def test_paths_local_and_gcs(gcs_emulator, tmp_path):
         assert not paths.exists(f) and paths.listdir(root) == []
         paths.write_text(f, '{"a": 1}')
         assert paths.exists(f) and paths.read_text(f) == '{"a": 1}'
-        assert paths.listdir(root) == ["sub"] and paths.listdir(paths.join(root, "sub")) == ["config.json"]
+        assert (paths.listdir(root) == ["sub"]
+                and paths.listdir(paths.join(root, "sub")) == ["config.json"])
         assert paths.isdir(paths.join(root, "sub"))
         log = paths.join(root, "log.jsonl")
         paths.append_text(log, "x\n")
@@ -441,6 +444,7 @@ def test_restore_with_every_step_damaged_names_them(tmp_path, mesh8):
     for f in _data_files(str(tmp_path / "1")):
         os.remove(f)
     with Checkpointer(str(tmp_path), save_every=1) as ckpt:
-        with pytest.raises(ValueError, match=r"no readable checkpoint in .* \(steps \[1\] all failed"):
+        with pytest.raises(ValueError,
+                           match=r"no readable checkpoint in .* \(steps \[1\] all failed"):
             ckpt.restore(abstract_state=abstract(make_state(1, mesh8), mesh8))
         assert ckpt.all_steps() == [1]  # nothing deleted when nothing could be restored

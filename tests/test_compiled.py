@@ -52,7 +52,7 @@ def test_optimizer_state_is_sharded_like_the_params_in_the_compiled_step(v4_8_pr
         for moments in (adam[0].mu, adam[0].nu):
             got = jax.tree.leaves(moments)
             assert len(got) == len(params)
-            for p, m in zip(params, got):
+            for p, m in zip(params, got, strict=False):
                 assert m.spec == p.spec
         assert any(p.spec != jax.sharding.PartitionSpec() for p in params)  # really sharded
         assert adam[0].count.spec == jax.sharding.PartitionSpec()
@@ -185,7 +185,7 @@ def test_trainer_optimizer_state_sharded_like_params_fresh_and_restored(tmp_path
         params = jax.tree.leaves(state.params)
         assert any("fsdp" in str(p.sharding.spec) for p in params)
         for moments in (adam.mu, adam.nu):
-            for p, m in zip(params, jax.tree.leaves(moments)):
+            for p, m in zip(params, jax.tree.leaves(moments), strict=False):
                 assert m.sharding.spec == p.sharding.spec, (p.shape, p.sharding.spec)
                 assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
 

@@ -71,7 +71,7 @@ def test_rollout_generate_static_calls_and_continuous_agree():
     mesh = make_mesh("data=1", jax.devices()[:1])
     model = init_model(CONFIG, mesh, seed=1)
     tokens, mask = _prompts(b=4)
-    prompts = [t[m].tolist() for t, m in zip(tokens, mask)]
+    prompts = [t[m].tolist() for t, m in zip(tokens, mask, strict=False)]
     params = SamplingParams(max_new_tokens=10, n=2, stop_token_ids=(5, 17, 40, 61))
     kw = dict(tokenizer=PadTokenizer(), mesh=mesh, seed=jax.random.key(7))
     split = generate(model, prompts, params, prompts_per_call=2, **kw)

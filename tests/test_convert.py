@@ -40,7 +40,8 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path, tie, qw
     for name in a:
         assert a[name].dtype == b[name].dtype == np.float32
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert json.load(open(back / "config.json"))["eos_token_id"] == 2  # source fields kept
+    # source fields kept
+    assert json.loads((back / "config.json").read_text())["eos_token_id"] == 2
 
     ref = AutoModelForCausalLM.from_pretrained(src).eval()
     loaded = AutoModelForCausalLM.from_pretrained(back).eval()
@@ -73,10 +74,10 @@ def test_bf16_export_and_sharded_safetensors(tmp_path, monkeypatch):
     params, cfg = conv.load_params(str(tmp_path / "src"))
     monkeypatch.setattr(conv, "MAX_SHARD_BYTES", 20_000)  # force several shards
     conv.write_hf_dir(str(tmp_path / "out"), params, cfg, dtype="bfloat16")
-    index = json.load(open(tmp_path / "out" / "model.safetensors.index.json"))
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     back, _ = conv.load_params(str(tmp_path / "out"))
-    for leaf_a, leaf_b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    for leaf_a, leaf_b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=False):
         assert leaf_b.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(leaf_a).astype(jnp.bfloat16), leaf_b)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -95,7 +96,8 @@ def test_to_hf_keeps_the_checkpoints_dtype_unless_told(tmp_path, capsys):
     for name in a:
         assert a[name].dtype == b[name].dtype == jnp.bfloat16
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert json.load(open(tmp_path / "back" / "config.json"))["torch_dtype"] == "bfloat16"
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["torch_dtype"] == "bfloat16"
     assert cli.main(["convert", "to-hf", str(tmp_path / "ours"), str(tmp_path / "wide"),
                      "--dtype", "float32"]) == 0
     assert all(x.dtype == np.float32 for x in _tensors(tmp_path / "wide").values())
@@ -118,7 +120,7 @@ def test_every_model_path_loads_the_sources_tokenizer(tmp_path):
     src = tmp_path / "src"
     make_hf_model(src, vocab=320)
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(src)
-    config = json.load(open(src / "tokenizer_config.json"))
+    config = json.loads((src / "tokenizer_config.json").read_text())
     config.pop("tokenizer_class", None)  # as in many released models: the model type decides
     (src / "tokenizer_config.json").write_text(json.dumps(config))
     conv.convert_from_hf(str(src), str(tmp_path / "ours"))
@@ -164,7 +166,7 @@ def test_clear_errors(tmp_path):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         conv.load_params(str(bad))
-    cfg = json.load(open(src / "config.json"))
+    cfg = json.loads((src / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unknown model_type 'gpt2'; supported: llama, qwen2"):
         conv.load_params(str(bad))
@@ -182,7 +184,8 @@ def test_clear_errors(tmp_path):
     wrong = dict(tensors)
     wrong["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
     write_safetensors(str(bad / "model.safetensors"), wrong)
-    with pytest.raises(ValueError, match=r"k_proj.weight' has shape \(8, 32\), expected \(16, 32\)"):
+    with pytest.raises(ValueError,
+                       match=r"k_proj.weight' has shape \(8, 32\), expected \(16, 32\)"):
         conv.load_params(str(bad))
     (bad / "model.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(ValueError, match="not a valid safetensors file"):
@@ -212,7 +215,7 @@ def test_gcs_paths_both_ways(tmp_path, gcs_emulator):
     assert "model.safetensors" in paths.listdir(exported)
     back, _ = conv.load_params(exported)  # an HF dir on gs:// reads too
     want, _ = conv.load_params(str(src))
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(back)):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(back), strict=False):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -240,7 +243,8 @@ def test_mislabelled_or_misshaped_weights_are_refused_naming_the_tensor(tmp_path
     tensors = _tensors(src)
     name = "model.layers.1.mlp.down_proj.weight"
     # The float32 bytes unchanged, labelled I32: same size, so only the dtype can tell.
-    write_safetensors(str(src / "model.safetensors"), {**tensors, name: tensors[name].view(np.int32)})
+    write_safetensors(str(src / "model.safetensors"),
+                      {**tensors, name: tensors[name].view(np.int32)})
     with pytest.raises(ValueError, match=rf"tensor '{name}' has dtype I32; model weights must be "
                                          "floating point"):
         conv.load_params(str(src))
@@ -253,7 +257,8 @@ def test_mislabelled_or_misshaped_weights_are_refused_naming_the_tensor(tmp_path
     params = conv.read_hf_params(str(src), config)
     mesh = make_mesh("data=1", jax.devices()[:1])
     for bad, message in [(params["embed"].astype(np.int32), "has dtype int32; model weights must"),
-                         (params["embed"][:-1], r"has shape \(95, 32\), the model expects \(96, 32\)")]:
+                         (params["embed"][:-1],
+                          r"has shape \(95, 32\), the model expects \(96, 32\)")]:
         out = tmp_path / f"ours-{bad.dtype}-{bad.shape[0]}"
         conv.save_params(str(out), {**params, "embed": bad}, config)
         with pytest.raises(ValueError, match=rf"array 'embed' {message}"):

@@ -69,7 +69,7 @@ def test_batch_contents():
         assert len(batch["indices"]) == 3
         for i, toks, prompt, problem, answer in zip(
                 batch["indices"], batch["prompt_tokens"], batch["prompts"], batch["problems"],
-                batch["answers"]):
+                batch["answers"], strict=False):
             assert problem == data[i]["problem"] and answer == data[i]["answer"]
             assert prompt == apply_template("r1", problem)
             assert toks == [ord(c) for c in prompt]

@@ -34,5 +34,5 @@ def test_memory_benchmark_real_vocab(tmp_path):
         assert want in names
     # the converted-back checkpoint and the eval read the run's own tokenizer files
     assert os.path.exists(tmp_path / "hf_out" / "tokenizer.json")
-    results = json.load(open(tmp_path / "eval" / "results.json"))
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["benchmarks"]["math500"]["n"] == 4

@@ -64,7 +64,7 @@ def test_stop_string_tables_on_byte_level_bpe(model_dir):
     rs = np.random.RandomState(0)
     pieces = [tok(t, add_special_tokens=False)["input_ids"] for t in CORPUS[:3]]
     # random token streams: the automaton stops where the decoded text first holds a stop string
-    for trial in range(200):
+    for _ in range(200):
         ids = [i for _ in range(4)
                for i in pieces[rs.randint(3)][rs.randint(20):][:rs.randint(1, 8)]]
         state, stopped_at = np.zeros(len(stops), int), None
@@ -149,7 +149,8 @@ def test_convert_from_hf_then_greedy_generate_equals_transformers(tmp_path, fami
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-m", "r1zero_jax.cli", *args, "--mesh", "data=1",
                     "--output", str(one)], check=True, env=env, capture_output=True)
-    assert cli.main(args + ["--mesh", "data=4,tensor=2", "--output", str(tmp_path / "8.jsonl")]) == 0
+    assert cli.main(args + ["--mesh", "data=4,tensor=2",
+                            "--output", str(tmp_path / "8.jsonl")]) == 0
 
     from transformers import AutoTokenizer
 

@@ -37,9 +37,9 @@ def test_stop_signals_during_setup_exit_75_at_once(tmp_path):
     workdirs = [tmp_path / s.name for s in signums]
     procs = [_start(w) for w in workdirs]  # side by side: one start-up's wait for both
     try:
-        lines = [_wait_for_setup(p, w) for p, w in zip(procs, workdirs)]
+        lines = [_wait_for_setup(p, w) for p, w in zip(procs, workdirs, strict=False)]
         time.sleep(1.0)
-        for proc, signum, out, workdir in zip(procs, signums, lines, workdirs):
+        for proc, signum, out, workdir in zip(procs, signums, lines, workdirs, strict=False):
             t0 = time.monotonic()
             proc.send_signal(signum)
             rc = proc.wait(timeout=30)

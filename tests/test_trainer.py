@@ -3,6 +3,7 @@ resume, learning)."""
 
 import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,9 @@ def test_train_step_on_8_devices_equals_one_device(host_params, loss, aggregatio
     old1, p1, m1 = _one_step(mesh1, host_params, loss, aggregation)
     np.testing.assert_allclose(old8, old1, atol=1e-5)
     moved = max(float(np.abs(a - b).max())
-                for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(host_params)))
+                for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(host_params), strict=False))
     assert moved > 1e-3  # the step did something
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=False):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     assert m8.keys() == m1.keys() and 0 < m1["clip_frac"] < 1
     for k in m1:
@@ -99,7 +100,7 @@ def test_chunked_lm_head_gives_the_same_logprobs_and_gradients(host_params):
     (_, (lp4, e4)), g4 = vg(host_params, 4)
     np.testing.assert_allclose(lp4, lp0, atol=1e-5)
     np.testing.assert_allclose(e4, e0, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g0)):
+    for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g0), strict=False):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # Entropy is a metric only: no gradient flows through it.
     ge = jax.jit(jax.grad(
@@ -118,7 +119,7 @@ def test_cli_run_files_and_resume(tmp_path, capsys):
     wd = str(tmp_path / "run")
     args = ["train", "cpu_smoke", "--workdir", wd] + [a for s in TINY for a in ("--set", s)]
     assert main(args + ["--steps", "2"]) == 0
-    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in Path(wd, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward_mean", "loss", "accuracy", "response_length_correct",
                 "response_length_incorrect", "truncation_rate", "entropy", "clip_frac", "approx_kl",
@@ -126,7 +127,7 @@ def test_cli_run_files_and_resume(tmp_path, capsys):
                 "time_learn_s", "reflection_rate", "logprob_gap_mean"):
         assert key in rows[0], key
     assert rows[0]["optimizer_steps"] == 2 and rows[0]["logprob_gap_mean"] < 1e-4
-    summary = json.load(open(os.path.join(wd, "summary.json")))
+    summary = json.loads(Path(os.path.join(wd, "summary.json")).read_text())
     assert summary["num_devices"] == 8 and summary["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
     assert summary["steps"] == 2
     assert 0 <= summary["eval_accuracy_before"] <= 1 and 0 <= summary["eval_accuracy_after"] <= 1
@@ -143,9 +144,9 @@ def test_cli_run_files_and_resume(tmp_path, capsys):
     assert main(args + ["--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "resumed" in out and "step 3/3" in out and "step 1/3" not in out
-    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in Path(wd, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    summary = json.load(open(os.path.join(wd, "summary.json")))
+    summary = json.loads(Path(os.path.join(wd, "summary.json")).read_text())
     assert summary["steps"] == 3
 
 
@@ -155,7 +156,7 @@ def test_main_job_learns(tmp_path):
 
     wd = str(tmp_path / "main")
     assert train_cli("cpu_smoke", [], workdir=wd) == 0
-    s = json.load(open(os.path.join(wd, "summary.json")))
+    s = json.loads(Path(os.path.join(wd, "summary.json")).read_text())
     assert s["eval_accuracy_after"] - s["eval_accuracy_before"] >= 0.30, s
 
 

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -59,7 +59,8 @@ class SafetensorsFile:
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{self.path}: tensor {name} byte size does not match its shape {shape}")
+            raise ValueError(f"{self.path}: tensor {name} byte size does not match its "
+                             f"shape {shape}")
         if math.prod(shape) == 0:
             return np.zeros(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + start,

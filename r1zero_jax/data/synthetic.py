@@ -118,12 +118,12 @@ class SyntheticTask:
         probs = [probs[i] for i in order[: n or len(probs)]]
         return [{"problem": question(t), "answer": str(sum(t))} for t in probs]
 
-    def skill_only(self) -> "SyntheticTask":
+    def skill_only(self) -> SyntheticTask:
         """The task with worked answers only: the warm-up's skill phase."""
         return dataclasses.replace(self, styles=(("worked", 0.8), ("recheck", 0.2)))
 
     def warmup_response(self, terms: tuple[int, ...], rng: np.random.Generator) -> str:
-        names, weights = zip(*self.styles)
+        names, weights = zip(*self.styles, strict=False)
         style = names[rng.choice(len(names), p=np.asarray(weights) / sum(weights))]
         if style == "guess":
             return self.guess(terms, rng)

@@ -67,13 +67,13 @@ class KVCache:
     V_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 
     @classmethod
-    def init(cls, config: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    def init(cls, config: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         k, h, layers = config.num_kv_heads, config.head_dim, range(config.num_layers)
         return cls(k=tuple(jnp.zeros((batch, k, h, max_len), dtype) for _ in layers),
                    v=tuple(jnp.zeros((batch, k, max_len, h), dtype) for _ in layers),
                    valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
-    def extend(self, repeats: int, slots: int) -> "KVCache":
+    def extend(self, repeats: int, slots: int) -> KVCache:
         """Each row repeated `repeats` times (row b*repeats+j is copy j of row b), with `slots`
         empty slots appended."""
         rows = self.valid.shape[0] * repeats
@@ -83,12 +83,12 @@ class KVCache:
         return KVCache(k=tuple(pad(x, 3) for x in self.k), v=tuple(pad(x, 2) for x in self.v),
                        valid=pad(self.valid, 1), index=self.index)
 
-    def logical_axes(self) -> "KVCache":
+    def logical_axes(self) -> KVCache:
         return KVCache(k=tuple(KVCache.K_AXES for _ in self.k),
                        v=tuple(KVCache.V_AXES for _ in self.v), valid=("batch", "cache_length"),
                        index=("batch",) if self.index.ndim else ())
 
-    def shardings(self, mesh: Mesh) -> "KVCache":
+    def shardings(self, mesh: Mesh) -> KVCache:
         return jax.tree.map(lambda axes: shd.logical_sharding(mesh, axes), self.logical_axes(),
                             is_leaf=lambda x: isinstance(x, tuple) and all(
                                 isinstance(a, (str, type(None))) for a in x))

@@ -53,7 +53,8 @@ def train_cli(config: str, overrides=(), workdir: str | None = None, steps: int 
     trainer = Trainer(cfg, workdir, allow_config_change=allow_config_change,
                       stop_signals=(signal.SIGTERM, signal.SIGINT))
     if jax.process_index() == 0:
-        paths.write_text(paths.join(workdir, "config.json"), json.dumps(to_dict(trainer.cfg), indent=2))
+        paths.write_text(paths.join(workdir, "config.json"),
+                         json.dumps(to_dict(trainer.cfg), indent=2))
         print(f"train {cfg.name}: {jax.device_count()} {jax.devices()[0].platform} devices, "
               f"mesh {dict(trainer.mesh.shape)}, run directory {workdir}", flush=True)
     trainer.run()

@@ -11,7 +11,8 @@ exactly the minibatch loss.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -154,7 +155,7 @@ class Learner:
     logits_chunk: int = 0
 
     @classmethod
-    def from_config(cls, cfg, qconfig: DecoderConfig) -> "Learner":
+    def from_config(cls, cfg, qconfig: DecoderConfig) -> Learner:
         """The learner of a RunConfig (the trainer's, and the one `plan --compile` compiles)."""
         m = cfg.model
         return cls(bind=make_binder(qconfig, dtype=jnp.dtype(m.dtype),

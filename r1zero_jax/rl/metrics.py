@@ -146,7 +146,7 @@ def plot_curves(history: list[dict], path: str, title: str = "",
     ev = [(0, eval_before)] if eval_before is not None else []
     ev += [(r["step"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
     if ev:
-        ax1.plot(*zip(*ev), "o-", label="greedy eval accuracy")
+        ax1.plot(*zip(*ev, strict=False), "o-", label="greedy eval accuracy")
     ax1.set_xlabel("RL step")
     ax1.set_ylim(-0.02, 1.02)
     ax1.legend()

@@ -15,7 +15,8 @@ import json
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,7 @@ def learner_minibatches(rollout: Rollout, old_logp: np.ndarray, advantages: np.n
     a = minibatch // microbatch
     for start in range(0, len(order), minibatch):
         idx = order[start:start + minibatch]
-        shape = lambda x: x[idx].reshape(a, microbatch, *x.shape[1:])  # noqa: E731
+        shape = lambda x, idx=idx: x[idx].reshape(a, microbatch, *x.shape[1:])  # noqa: E731
         yield LearnBatch(tokens=shape(tokens), input_mask=shape(input_mask),
                          loss_mask=shape(loss_mask), old_logp=shape(old_logp),
                          advantages=shape(advantages),
@@ -135,8 +136,9 @@ class _RunState:
 class Trainer:
     """Dr. GRPO / GRPO training of one config in one run directory (resumable)."""
 
-    def __init__(self, cfg: RunConfig, workdir: str, *, mesh=None, allow_config_change: bool = False,
-                 printer=print, stop_signals=(signal.SIGTERM,)):
+    def __init__(self, cfg: RunConfig, workdir: str, *, mesh=None,
+                 allow_config_change: bool = False, printer=print,
+                 stop_signals=(signal.SIGTERM,)):
         self.mesh = mesh or shd.make_mesh(cfg.mesh.spec)
         self.cfg = validate(cfg, num_devices=self.mesh.devices.size)
         self.is_writer = jax.process_index() == 0
@@ -349,12 +351,14 @@ class Trainer:
         }
         self.state = state
         if self.is_writer:
-            paths.write_text(paths.join(self.workdir, "summary.json"), json.dumps(summary, indent=2))
+            paths.write_text(paths.join(self.workdir, "summary.json"),
+                             json.dumps(summary, indent=2))
             if c.log.plot and history:
                 plot_curves(history, paths.join(self.workdir, "curves.png"), c.name, eval_before)
         if eval_before is not None:
             self.print(f"held-out greedy accuracy: before RL {eval_before:.3f} -> after RL "
-                       f"{eval_after:.3f} ({100 * (eval_after - eval_before):+.1f} points)", flush=True)
+                       f"{eval_after:.3f} ({100 * (eval_after - eval_before):+.1f} points)",
+                       flush=True)
         return summary
 
     # -- pieces --------------------------------------------------------------------------------
@@ -451,9 +455,10 @@ class Trainer:
         put = lambda x: shd.shard_batch(self.mesh, x, (None, "batch") + (None,) * (x.ndim - 2))  # noqa: E731
         step_metrics = []
         for _ in range(c.rl.epochs_per_rollout):
+            order = rng.permutation(rollout.size)
             for hb in learner_minibatches(rollout, old_logp, advantages, loss_mask, ref_logp,
                                           minibatch=c.train.minibatch_size,
-                                          microbatch=c.microbatch, order=rng.permutation(rollout.size)):
+                                          microbatch=c.microbatch, order=order):
                 state, m = step_fn(state, jax.tree.map(put, hb))
                 step_metrics.append(m)
         state = state.replace(step=state.step + 1)

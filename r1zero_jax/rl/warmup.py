@@ -58,7 +58,7 @@ def warmup(params: dict, bind, task, tokenizer, mesh: Mesh, *,
             0.0, peak, min(20, steps // 10), steps, peak * 0.1), b1=0.9, b2=0.98, weight_decay=0.0)
 
         @jax.jit
-        def step(p, opt_state, tokens, loss_mask):
+        def step(p, opt_state, tokens, loss_mask, tx=tx):  # this phase's optimizer
             loss, g = jax.value_and_grad(loss_fn)(p, tokens, loss_mask)
             updates, opt_state = tx.update(g, opt_state, p)
             return optax.apply_updates(p, updates), opt_state, loss

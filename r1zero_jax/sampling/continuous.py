@@ -109,8 +109,10 @@ def _refill(s: _Slots, free, cap: int, plan: Plan) -> _Slots:
         put = functools.partial(_put_row, slot=which, mesh=mesh)
         pick = lambda x: jnp.take(x, prompt[None], axis=0)  # noqa: E731
         valid = jnp.pad(pick(pc.valid), ((0, 0), (0, c.valid.shape[1] - tp)))
-        return KVCache(k=tuple(put(x, pick(p), KVCache.K_AXES) for x, p in zip(c.k, pc.k)),
-                       v=tuple(put(x, pick(p), KVCache.V_AXES) for x, p in zip(c.v, pc.v)),
+        return KVCache(k=tuple(put(x, pick(p), KVCache.K_AXES)
+                               for x, p in zip(c.k, pc.k, strict=True)),
+                       v=tuple(put(x, pick(p), KVCache.V_AXES)
+                               for x, p in zip(c.v, pc.v, strict=True)),
                        valid=put(c.valid, valid, ("batch", "cache_length")), index=c.index)
 
     cache = jax.lax.fori_loop(0, order[-1], copy, s.cache)

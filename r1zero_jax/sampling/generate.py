@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -63,7 +64,6 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
                          f"({max_new_tokens}) exceeds the model's {config.max_position_embeddings}"
                          " positions")
 
-    out = open(output, "w") if output else None
     progress = Progress("generate", len(texts), "prompts")
     done_tokens = 0
 
@@ -79,13 +79,10 @@ def generate_cli(*, model: str, prompt: list[str] | None = None, prompts_file: s
         done_tokens += int(ro.lengths.sum())
         progress.update(first + count, tokens=done_tokens)
 
-    try:
+    with open(output, "w") if output else contextlib.nullcontext() as out:
         ro = generate(net, prompt_ids, params, tokenizer=tokenizer, mesh=the_mesh, seed=seed,
                       prompts_per_call=CHUNK_PROMPTS, on_call=emit,
                       on_progress=lambda rows, tokens: progress.update(rows // n, tokens=tokens))
-    finally:
-        if out:
-            out.close()
     r = ro.report
     print(f"generate: {r['decode_steps']} decode steps, {r['generated_tokens']} tokens, slot "
           f"utilization {r['slot_utilization']:.3f}, {r['tokens_per_s']:.0f} tokens/s (sampler)",

@@ -17,7 +17,8 @@ RL rollouts, the trainer's held-out eval, `r1zero-jax eval` and `r1zero-jax gene
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -88,8 +89,8 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingPara
             report = None
             if on_progress is not None:
                 report = functools.partial(
-                    lambda rows, tokens, r0, t0: on_progress(r0 + min(rows, real), t0 + tokens),
-                    r0=rows_before, t0=tokens_before)
+                    lambda rows, tokens, r0, t0, n: on_progress(r0 + min(rows, n), t0 + tokens),
+                    r0=rows_before, t0=tokens_before, n=real)
             out = sample(model, ptok, pmask, params, seed=key, mesh=mesh, tokenizer=tokenizer,
                          row_offset=start * params.n, on_progress=report)
             out = out.take(slice(0, real)) if real < out.size else out

@@ -22,8 +22,9 @@ M = max_new_tokens, S = Tp + M cache slots, V vocab.
   that completes a stop string (matched in the loop on token bytes, see stop_strings.py; the
   token is kept). Stop ids are the caller's, the checkpoint's end-of-sequence ids (config.json
   and generation_config.json, `model.config.eos_token_ids`), the tokenizer's EOS, and the ids of
-  stop strings that name a special token (a chat template's end of turn, e.g. <|im_end|>). `Rollout.texts` are cut right after the stop string,
-  which stays in the text; a token may carry characters past it that only the text drops.
+  stop strings that name a special token (a chat template's end of turn, e.g. <|im_end|>).
+  `Rollout.texts` are cut right after the stop string, which stays in the text; a token may
+  carry characters past it that only the text drops.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class Rollout:
         return (np.concatenate([self.prompt_tokens, self.tokens], axis=1),
                 np.concatenate([self.prompt_mask, self.mask], axis=1))
 
-    def take(self, rows) -> "Rollout":
+    def take(self, rows) -> Rollout:
         """The rollout of `rows` (an index array or slice), in that order."""
         pick = lambda x: None if x is None else x[rows]  # noqa: E731
         texts = None if self.texts is None else list(np.asarray(self.texts, object)[rows])
@@ -125,7 +126,7 @@ class Rollout:
             prompt_mask=pick(self.prompt_mask))
 
     @classmethod
-    def concat(cls, parts: "list[Rollout]") -> "Rollout":
+    def concat(cls, parts: list[Rollout]) -> Rollout:
         """Rows of `parts` one after another (same max_new_tokens); prompts are left-padded to
         the widest part."""
         width = max(p.prompt_tokens.shape[1] for p in parts) if parts[0].prompt_tokens is not None \
@@ -356,8 +357,8 @@ def stops_of(config, tokenizer, params: SamplingParams) -> tuple[tuple[int, ...]
             ids.add(int(tokenizer.eos_token_id))
         vocab = tokenizer.get_vocab() if texts else {}
         special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-        special.update(i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
-                       if getattr(t, "special", False))
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        special.update(i for i, t in added.items() if getattr(t, "special", False))
         named = {s: vocab[s] for s in texts if vocab.get(s) in special}
         ids.update(named.values())
         texts = tuple(s for s in texts if s not in named)
@@ -525,6 +526,6 @@ def rollout_report(timings: list[dict], generated_tokens: int) -> dict:
 def decode_texts(tokenizer, rollout: Rollout, stop_strings: tuple[str, ...] = ()) -> list[str]:
     """Each row's generated text (special tokens skipped), cut right after a stop string."""
     texts = tokenizer.batch_decode([row[:n].tolist() for row, n in
-                                    zip(rollout.tokens, rollout.lengths)],
+                                    zip(rollout.tokens, rollout.lengths, strict=False)],
                                    skip_special_tokens=True)
     return [stops.truncate_after(t, stop_strings)[0] for t in texts]
