@@ -200,12 +200,6 @@ def _hf_tensor(params: dict, path, to_hf, dtype) -> np.ndarray:
     return np.ascontiguousarray(w.astype(dtype) if dtype is not None else w)
 
 
-def params_to_hf_tensors(params: dict, config: QwenConfig, dtype=None) -> dict[str, np.ndarray]:
-    """Our params (nested dict, arrays anywhere) -> {HF name: numpy array}."""
-    return {name: _hf_tensor(params, path, to_hf, dtype)
-            for path, name, _, to_hf in weight_table(config)}
-
-
 def params_dtype(params: dict) -> str:
     """'float32' or 'bfloat16': the params' floating dtype (the widest when they mix)."""
     dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
