@@ -112,6 +112,7 @@ class Checkpointer:
         keep_last: int = 3,
         keep_every: int | None = None,
         async_save: bool = True,
+        save_concurrent_gb: float = 96,
     ):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
@@ -122,10 +123,10 @@ class Checkpointer:
         self.directory = _abspath(directory)
         paths.check_gcs_bucket(self.directory)
         with self._storage("open"):
-            self._open(save_every, keep_last, keep_every, async_save)
+            self._open(save_every, keep_last, keep_every, async_save, save_concurrent_gb)
 
     def _open(self, save_every: int, keep_last: int, keep_every: int | None,
-              async_save: bool) -> None:
+              async_save: bool, save_concurrent_gb: float) -> None:
         options = ocp.CheckpointManagerOptions(
             # Preemption and end-of-run saves come from the trainer with force=True; on a pod
             # PreemptionGuard.should_stop already agrees on the step across hosts.
@@ -138,7 +139,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
-                STATE: ocp.StandardCheckpointHandler(),
+                # bytes Orbax copies off the arrays at once (Orbax's default: 96 GB)
+                STATE: ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
                 META: ocp.JsonCheckpointHandler(),
             },
             options=options,
