@@ -12,6 +12,18 @@ from r1zero_jax import dtypes
 from r1zero_jax.rewards.templates import TEMPLATES
 
 
+def _forward(module: str, name: str):
+    """A command that passes every parsed option to `module.name` as keyword arguments; the
+    module is imported only when the command runs."""
+    def run(a):
+        import importlib
+
+        fn = getattr(importlib.import_module(module), name)
+        return fn(**{k: v for k, v in vars(a).items() if k not in ("func", "command")})
+
+    return run
+
+
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and r1zero-jax")
     conv = p.add_subparsers(dest="direction", required=True)
@@ -53,12 +65,7 @@ def _add_generate(sub):
     p.add_argument("--dtype", choices=dtypes.NAMES, default="bfloat16")
     p.add_argument("--output", help="write one JSON row per sample here")
 
-    def run(a):
-        from r1zero_jax.sampling.generate import generate_cli
-
-        generate_cli(**{k: v for k, v in vars(a).items() if k not in ("func", "command")})
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_forward("r1zero_jax.sampling.generate", "generate_cli"))
 
 
 def _add_grade(sub):
@@ -92,12 +99,7 @@ def _add_train(sub):
                    help="resume an existing workdir even though the config differs")
     _add_process_args(p)
 
-    def run(a):
-        from r1zero_jax.rl.launch import train_cli
-
-        return train_cli(**{k: v for k, v in vars(a).items() if k not in ("func", "command")})
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_forward("r1zero_jax.rl.launch", "train_cli"))
 
 
 def _add_eval(sub):
@@ -133,12 +135,7 @@ def _add_eval(sub):
                    help="CPU seconds per response (independent of machine load)")
     _add_process_args(p)
 
-    def run(a):
-        from r1zero_jax.eval import eval_cli
-
-        return eval_cli(**{k: v for k, v in vars(a).items() if k not in ("func", "command")})
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_forward("r1zero_jax.eval", "eval_cli"))
 
 
 def _add_plan(sub):
