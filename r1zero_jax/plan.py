@@ -105,15 +105,10 @@ class Workload:
     prompt_len: int = 0  # their cache slots
 
 
-def _rule_axes(logical: str | None) -> tuple[str, ...]:
-    from r1zero_jax.sharding import LOGICAL_RULES
-
-    rule = LOGICAL_RULES[logical] if logical is not None else None
-    return () if rule is None else ((rule,) if isinstance(rule, str) else tuple(rule))
-
-
 def _shards(logical: str | None, mesh: dict[str, int]) -> int:
-    return math.prod(mesh.get(a, 1) for a in _rule_axes(logical))
+    from r1zero_jax.sharding import axis_size
+
+    return 1 if logical is None else axis_size(mesh, logical)
 
 
 @functools.lru_cache(maxsize=16)
@@ -135,20 +130,20 @@ def param_leaves(config) -> tuple[tuple[str, tuple[int, ...], tuple[str | None, 
 
 
 def mesh_problems(config, mesh: dict[str, int], w: Workload | None = None) -> list[str]:
-    """Dimensions the mesh cannot shard evenly (JAX would refuse them)."""
-    dims = {"heads": config.num_heads, "kv_heads": config.num_kv_heads,
-            "vocab": config.vocab_size, "mlp": config.intermediate_size,
-            "embed": config.hidden_size}
+    """Dimensions the mesh cannot shard evenly (JAX would refuse them): the model's, by the
+    same check the run makes (`decoder.mesh_problems`), and the workload's batches."""
+    from r1zero_jax.models.decoder import mesh_problems as model_problems
+    from r1zero_jax.sharding import axis_size
+
     if w is not None and not w.prompt_cache_batch:  # decode slots are rounded up instead
         dims_batch = {"train batch (train.microbatch_size)": w.train_batch,
                       "sampler batch (prompts_per_call x group_size)": w.sample_batch}
     else:
         dims_batch = {}
-    out = [f"{k}={v} is not divisible by {_shards(k, mesh)} ({'x'.join(_rule_axes(k))})"
-           for k, v in dims.items() if v % _shards(k, mesh)]
-    out += [f"{k}={v} is not divisible by data x fsdp = {_shards('batch', mesh)}"
-            for k, v in dims_batch.items() if v % _shards("batch", mesh)]
-    return out
+    shards = axis_size(mesh, "batch")
+    return model_problems(config, mesh) + [
+        f"{k}={v} is not divisible by data x fsdp = {shards}"
+        for k, v in dims_batch.items() if v % shards]
 
 
 def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> dict[str, Any]:

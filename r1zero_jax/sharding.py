@@ -124,24 +124,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def axis_size(mesh: Mesh, logical_name: str, rules: dict | None = None) -> int:
-    """How many shards the mesh makes of a dimension with this logical name."""
+def axis_size(mesh: Mesh | dict[str, int], logical_name: str, rules: dict | None = None) -> int:
+    """How many shards the mesh (or its axis sizes, for a plan) makes of a dimension with this
+    logical name."""
+    shape = mesh if isinstance(mesh, dict) else mesh.shape
     rule = (LOGICAL_RULES if rules is None else rules)[logical_name]
     if rule is None:
         return 1
     axes = (rule,) if isinstance(rule, str) else rule
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(shape.get(a, 1) for a in axes)
+
+
+def divisibility_problems(mesh: Mesh | dict[str, int], dims: dict[str, int],
+                          rules: dict | None = None) -> list[str]:
+    """The named dimensions the mesh cannot shard evenly, each with its numbers."""
+    rules = LOGICAL_RULES if rules is None else rules
+    return [f"{name}={size} is not divisible by {axis_size(mesh, name, rules)} "
+            f"({rules[name]} axis)" for name, size in dims.items()
+            if size % axis_size(mesh, name, rules)]
 
 
 def check_divisible(mesh: Mesh, dims: dict[str, int], what: str,
                     rules: dict | None = None) -> None:
     """Refuse a mesh that cannot evenly shard the named dimensions, naming the numbers."""
-    rules = LOGICAL_RULES if rules is None else rules
-    problems = []
-    for name, size in dims.items():
-        shards = axis_size(mesh, name, rules)
-        if size % shards:
-            problems.append(f"{name}={size} is not divisible by {shards} ({rules[name]} axis)")
+    problems = divisibility_problems(mesh, dims, rules)
     if problems:
         raise ValueError(f"mesh {mesh_shape(mesh)} does not fit {what}: " + "; ".join(problems))
 

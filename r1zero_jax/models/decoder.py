@@ -333,13 +333,22 @@ def state_shardings(state, mesh: Mesh, rules: dict | None = None):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def mesh_problems(config: DecoderConfig, mesh: Mesh | dict[str, int]) -> list[str]:
+    """What a mesh (or its axis sizes) cannot shard evenly of this model: its stored layout
+    and the sampler's serving layout."""
+    return (shd.divisibility_problems(mesh, {
+        "heads": config.num_heads, "kv_heads": config.num_kv_heads, "vocab": config.vocab_size,
+        "mlp": config.intermediate_size, "embed": config.hidden_size})
+        + [f"{p} (the sampler's layout)" for p in shd.divisibility_problems(
+            mesh, {"mlp": config.intermediate_size}, shd.SERVING_RULES)])
+
+
 def check_mesh_fits(config: DecoderConfig, mesh: Mesh) -> None:
     """Refuse, before anything compiles, a mesh that cannot shard this model."""
-    shd.check_divisible(mesh, {"heads": config.num_heads, "kv_heads": config.num_kv_heads,
-                               "vocab": config.vocab_size, "mlp": config.intermediate_size,
-                               "embed": config.hidden_size}, "the model")
-    shd.check_divisible(mesh, {"mlp": config.intermediate_size}, "the sampler's weights",
-                        shd.SERVING_RULES)
+    problems = mesh_problems(config, mesh)
+    if problems:
+        raise ValueError(f"mesh {shd.mesh_shape(mesh)} does not fit the model: "
+                         + "; ".join(problems))
 
 
 def abstract_model(config: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
