@@ -118,12 +118,14 @@ def test_mesh_that_does_not_fit_is_refused():
                      num_heads=6, num_kv_heads=2)
     with pytest.raises(ValueError, match=r"kv_heads=2 is not divisible by 4"):
         init_model(cfg, make_mesh("data=2,tensor=4"), seed=0)
-    with pytest.raises(ValueError, match=r"= 12 devices, but 8 are available"):
+    with pytest.raises(ValueError, match=r"needs 12 devices, but 8 are available"):
         make_mesh("data=3,tensor=4")
-    with pytest.raises(ValueError, match=r"does not divide 8"):
+    with pytest.raises(ValueError, match=r"8 devices are not divisible by the fixed axes' 3"):
         make_mesh("data=-1,tensor=3")
-    with pytest.raises(ValueError, match=r"AXIS=SIZE"):
+    with pytest.raises(ValueError, match=r"unknown axis 'batch'"):
         make_mesh("batch=8")
+    with pytest.raises(ValueError, match=r"AXIS=SIZE"):
+        make_mesh("data")
 
 
 def test_hf_config_forms_and_errors():
