@@ -297,8 +297,15 @@ def evaluate(model, tokenizer, rows_by_benchmark: Mapping[str, Sequence[dict]], 
     evaluation (training instead gives them 0, see rl/trainer.py)."""
     if not rows_by_benchmark or not all(rows_by_benchmark.values()):
         raise ValueError("evaluate needs at least one benchmark, each with rows")
-    bar = Progress("eval", sum(map(len, rows_by_benchmark.values())), "problems") \
-        if progress else None
+    bar = None
+    if progress:
+        import jax
+
+        # Every process must run the same programs (progress splits the decode loop into
+        # calls); process 0 alone prints.
+        quiet = jax.process_index() != 0
+        bar = Progress("eval", sum(map(len, rows_by_benchmark.values())), "problems",
+                       printer=(lambda line: None) if quiet else None)
     records, skipped = {}, {}
     for name, rows in rows_by_benchmark.items():
         records[name], skipped[name] = sample_benchmark(
@@ -473,7 +480,7 @@ def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, tempe
         open(gen_path, "w").close()
     results = evaluate(
         model, tok, rows, params, task=task, seed=seed, batch_size=batch_size,
-        max_prompt_tokens=max_prompt_tokens, mesh=mesh, pool=pool, progress=writer,
+        max_prompt_tokens=max_prompt_tokens, mesh=mesh, pool=pool, progress=True,
         on_benchmark=(lambda name, records: write_jsonl(gen_path, records, append=True))
         if writer else None)
     run = {**run, "model": os.path.abspath(model_path), "mesh": mesh_spec, "dtype": dtype,
