@@ -56,7 +56,10 @@ def monkeypatch_module():
     mp.undo()
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# The length-bias notebook (about a minute) runs with the slow extras: the suite's time budget.
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow)
+                                  if p.stem == "length_bias" else p for p in NOTEBOOKS],
+                         ids=lambda p: p.stem)
 def test_notebook_runs(path, kernel_env, tmp_path):
     import nbformat
     from nbclient import NotebookClient
