@@ -7,19 +7,19 @@ it can solve a problem but mostly just adds the numbers up (well formed, wrong: 
 then has to find that solving pays. About 2 minutes on a 2-core laptop.
 """
 
+import dataclasses
 from pathlib import Path
 
-from r1zero_jax.config import (DataConfig, EvalConfig, MeshConfig, ModelConfig, OptimConfig,
-                               RLConfig, RunConfig, SamplingConfig, TrainConfig)
+from r1zero_jax.config import (DataConfig, EvalConfig, OptimConfig, RLConfig, RunConfig,
+                               SamplingConfig, TrainConfig, load_config)
 
 
 def config() -> RunConfig:
+    main_job = load_config("cpu_smoke")  # the same tiny model on the same mesh
     return RunConfig(
         name="countdown_cpu",
-        model=ModelConfig(preset="custom", vocab_size=32, hidden_size=64, intermediate_size=256,
-                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                          max_position_embeddings=64, dtype="float32", param_dtype="float32"),
-        mesh=MeshConfig(spec="data=4,tensor=2", num_cpu_devices=8),
+        model=dataclasses.replace(main_job.model, max_position_embeddings=64),
+        mesh=main_job.mesh,
         data=DataConfig(source="",
                         task=f"{Path(__file__).with_name('tasks') / 'countdown.py'}:Countdown",
                         template="no", max_prompt_tokens=16),

@@ -7,8 +7,8 @@ reward, or (reward, extracted answer[, reason]). A reward of 1.0 is a solved pro
 counts those); anything less, such as a format bonus, only shapes the advantage.
 
 The math task (`data.task="math"`) is the paper's. A task of your own is a `Task` subclass in your
-own file, named in the config by import path, `data.task="tasks/countdown.py:Countdown"` (see
-`examples/countdown.py`); it may bring its rows and its tokenizer.
+own file, named in the config by import path, `data.task="configs/tasks/countdown.py:Countdown"`
+(see configs/countdown_cpu.py); it may bring its rows, its tokenizer and warm-up data.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from r1zero_jax import plugins
-from r1zero_jax.rewards.pool import MATH_REWARD, GraderPool, GradeResult
+from r1zero_jax.rewards.math_grader import MATH_REWARD
+from r1zero_jax.rewards.pool import GraderPool, GradeResult
 from r1zero_jax.rewards.templates import STOP_STRINGS, apply_template, check_template
 
 

@@ -17,14 +17,13 @@ the worker's CPU time after the row, which the pool uses to bound a row stuck in
 import contextlib
 import gc
 import json
+import math
 import os
 import resource
 import signal
 import socket
 import sys
 import time
-
-import math
 
 from r1zero_jax import plugins
 from r1zero_jax.rewards import math_grader

@@ -16,7 +16,6 @@ RL rollouts, the trainer's held-out eval, `r1zero-jax eval` and `r1zero-jax gene
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 from collections.abc import Callable, Sequence
 
@@ -86,13 +85,13 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingPara
                      for i in np.minimum(np.arange(start, start + per_call), count - 1)]
             ptok, pmask = left_pad(batch, pad, prompt_width(max(map(len, batch))))
             real = min(per_call, count - start) * params.n
-            report = None
-            if on_progress is not None:
-                report = functools.partial(
-                    lambda rows, tokens, r0, t0, n: on_progress(r0 + min(rows, n), t0 + tokens),
-                    r0=rows_before, t0=tokens_before, n=real)
+
+            def report(rows, tokens, r0=rows_before, t0=tokens_before, n=real):
+                on_progress(r0 + min(rows, n), t0 + tokens)  # this call's counts, rollout-wide
+
             out = sample(model, ptok, pmask, params, seed=key, mesh=mesh, tokenizer=tokenizer,
-                         row_offset=start * params.n, on_progress=report)
+                         row_offset=start * params.n,
+                         on_progress=report if on_progress is not None else None)
             out = out.take(slice(0, real)) if real < out.size else out
             rows_before += real
             tokens_before += int(out.lengths.sum())
