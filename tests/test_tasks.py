@@ -99,3 +99,23 @@ def test_trains_a_task_defined_outside_the_package(tmp_path):
         assert m["accuracy"] == pytest.approx(np.mean([v >= 1 for v in step]))
     # The warmed-up model writes well-formed expressions: the format reward at least.
     assert np.mean(verdicts[held_out:-held_out]) > 0.05
+
+
+def test_bad_reward_function_output_scores_zero_with_its_reason(tmp_path):
+    """A user's reward function that returns NaN, too many values or a non-number, or raises,
+    gives that row 0 with the reason; the other rows are graded as usual."""
+    (tmp_path / "bad.py").write_text(textwrap.dedent("""
+        def reward(response, answer):
+            return {"nan": float("nan"), "four": (1.0, "x", "r", 0), "text": "one",
+                    "raise": 1 / 0 if response == "raise" else 1.0}.get(response, 1.0)
+    """))
+
+    class Bad(tasks.Task):
+        reward_fn = f"{tmp_path / 'bad.py'}:reward"
+
+    responses = ["nan", "four", "text", "raise", "fine"]
+    with Bad().pool(workers=1) as pool:
+        results = Bad().grade(pool, responses, ["a"] * len(responses))
+    assert [r.reward for r in results] == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert [r.reason for r in results[:4]] == ["error: ValueError", "error: TypeError",
+                                               "error: ValueError", "error: ZeroDivisionError"]
