@@ -212,14 +212,16 @@ def _refill(s: _Slots, free, cap: int, plan: Plan) -> _Slots:
     tp = pc.valid.shape[1]
 
     def slot_prompt(i):
-        which = jnp.argmax(order == i + 1)  # the (i+1)-th refilled slot
-        return which, jnp.take(row, which) // n
+        """The (i+1)-th refilled slot, its prompt, and a function taking that prompt's row
+        [1, ...] of a prompt array (one prompt moves, not the whole array)."""
+        which = jnp.argmax(order == i + 1)
+        prompt = jnp.take(row, which) // n
+        return which, prompt, lambda x: jnp.take(x, prompt[None], axis=0)
 
     if s.free is None:
         def copy(i, c: KVCache) -> KVCache:
-            which, prompt = slot_prompt(i)
+            which, _, pick = slot_prompt(i)
             put = functools.partial(_put_row, slot=which, mesh=mesh)
-            pick = lambda x: jnp.take(x, prompt[None], axis=0)  # noqa: E731
             valid = jnp.pad(pick(pc.valid), ((0, 0), (0, c.valid.shape[1] - tp)))
             return KVCache(k=tuple(put(x, pick(p), KVCache.K_AXES)
                                    for x, p in zip(c.k, pc.k, strict=True)),
@@ -235,13 +237,13 @@ def _refill(s: _Slots, free, cap: int, plan: Plan) -> _Slots:
         free_pages, table, held = _per_shard(_alloc, mesh, s.free, s.cache.table, s.held, count)
 
         def copy(i, c: PagedKVCache) -> PagedKVCache:
-            which, prompt = slot_prompt(i)
+            which, prompt, pick = slot_prompt(i)
             length = s.prompt_len[prompt]
             put = functools.partial(_put_pages, table=table, slot=which,
                                     count=-(-length // z), mesh=mesh)
-            k = tuple(put(x, _prompt_pages(p[prompt].transpose(2, 0, 1), length, z))
+            k = tuple(put(x, _prompt_pages(pick(p)[0].transpose(2, 0, 1), length, z))
                       for x, p in zip(c.k, pc.k, strict=True))
-            v = tuple(put(x, _prompt_pages(p[prompt].transpose(1, 0, 2), length, z))
+            v = tuple(put(x, _prompt_pages(pick(p)[0].transpose(1, 0, 2), length, z))
                       for x, p in zip(c.v, pc.v, strict=True))
             return c.replace(k=k, v=v)
 
