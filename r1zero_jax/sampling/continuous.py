@@ -149,7 +149,7 @@ def _grow(free, table, held, need, age):
 
 
 def _put_pages(pool, update, table, *, slot, count, mesh: Mesh):
-    """pool [P, K, Z, H] over the batch shards; update [Wp, K, Z, H]: the first `count` pages
+    """pool [P, Z, K*H] over the batch shards; update [Wp, Z, K*H]: the first `count` pages
     are written at slot `slot`'s first table entries, by the shard that holds the slot."""
     def local(pool, u, table, slot, count):
         rows = table.shape[0]
@@ -173,12 +173,12 @@ def _put_pages(pool, update, table, *, slot, count, mesh: Mesh):
 
 
 def _prompt_pages(x, length, page_size: int):
-    """x [Tp, K, H]: a left-padded prompt's keys or values -> [ceil(Tp / Z), K, Z, H] pages
+    """x [Tp, K, H]: a left-padded prompt's keys or values -> [ceil(Tp / Z), Z, K*H] pages
     holding its `length` real tokens from the first."""
     tp, k, h = x.shape
     wp = -(-tp // page_size)
     x = jnp.pad(jnp.roll(x, length - tp, axis=0), ((0, wp * page_size - tp), (0, 0), (0, 0)))
-    return x.reshape(wp, page_size, k, h).transpose(0, 2, 1, 3)
+    return x.reshape(wp, page_size, k * h)
 
 
 def _admissible(s: _Slots, free, plan: Plan):
