@@ -6,10 +6,10 @@ heads, G = N // K query heads per kv head, H head dim.
 - Pages: k and v, one [P, Z, K*H] per layer: token-major pages, as the TPU kernel keeps them,
   with a token's heads merged so that no op can ask for another physical layout of the pool
   (with [P, K, Z, H] or [P, Z, K, H], XLA:TPU laid the pool out one way for the writes and
-  another for the reads, and copied the whole pool between them on every step). A new token
-  is written by rewriting its page. The pool is sharded over the batch shards like the slots,
-  and a slot's pages lie in its own shard's part: `table` holds page numbers local to the
-  shard, so writes and reads never leave the device (kv heads split over tensor).
+  another for the reads, and copied the whole pool between them on every step). The pool is
+  sharded over the batch shards like the slots, and a slot's pages lie in its own shard's
+  part: `table` holds page numbers local to the shard, so writes and reads never leave the
+  device (kv heads split over tensor).
 - A slot's tokens are compact: its prompt's real tokens, then its generated ones; token t lies
   at page table[t // Z], offset t % Z. Keys are stored after RoPE, so the layout carries no
   positions, and a decode step's causal mask is "the slot's first `length` tokens".
@@ -73,17 +73,9 @@ def _attend_local(q, k_new, v_new, k_pages, v_pages, table, length, write):
     s, w = table.shape
     p, z, _ = k_pages.shape
     k, h = q.shape[1], q.shape[-1]
-    # The new token goes in by rewriting its whole page: a scatter of whole pages leaves XLA free
-    # to lay the pool out for the reads below (a one-token scatter made XLA:TPU copy the pool
-    # into another layout and back on every step).
     at = jnp.where(write, jnp.take_along_axis(table, (length // z)[:, None], axis=1)[:, 0], p)
-    here = (jnp.arange(z) == (length % z)[:, None])[:, :, None]  # [S, Z, 1]
-
-    def put(pages, new):
-        page = pages[jnp.minimum(at, p - 1)]
-        new = new.reshape(s, 1, k * h).astype(pages.dtype)
-        return pages.at[at].set(jnp.where(here, new, page), mode="drop")
-
+    put = lambda pages, new: pages.at[at, length % z].set(  # noqa: E731
+        new.reshape(s, k * h).astype(pages.dtype), mode="drop")
     k_pages, v_pages = put(k_pages, k_new), put(v_pages, v_new)
 
     n = jnp.where(write, length + 1, 0)  # tokens each slot attends to
