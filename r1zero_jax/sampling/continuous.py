@@ -83,12 +83,17 @@ def _slot(x, mesh):
     return _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))
 
 
+def _mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry."""
+    return entry if isinstance(entry, tuple) else (entry,) if entry else ()
+
+
 def _put_row(x, update, axes, *, slot, mesh: Mesh):
     """x [S, ...] laid out by logical `axes` (slots over the batch shards); update [1, ...] no
     larger than a row, written at the start of row `slot`, by the shard that holds that row
     alone (a scatter at a dynamic row of a sharded array makes XLA gather the whole array)."""
     spec = shd.logical_sharding(mesh, axes).spec
-    batch = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+    batch = _mesh_axes(spec[0])
     update = jax.lax.with_sharding_constraint(
         update, NamedSharding(mesh, P(None, *spec[1:])))
 
@@ -151,6 +156,9 @@ def _grow(free, table, held, need, age):
 def _put_pages(pool, update, table, *, slot, count, mesh: Mesh):
     """pool [P, Z, K*H] over the batch shards; update [Wp, Z, K*H]: the first `count` pages
     are written at slot `slot`'s first table entries, by the shard that holds the slot."""
+    spec = shd.logical_to_spec(PagedKVCache.PAGE_AXES)
+    batch = () if mesh.devices.size == 1 else _mesh_axes(spec[0])
+
     def local(pool, u, table, slot, count):
         rows = table.shape[0]
         first = jax.lax.axis_index(batch) * rows if batch else 0
@@ -160,11 +168,8 @@ def _put_pages(pool, update, table, *, slot, count, mesh: Mesh):
         return pool.at[jnp.where(mine, table[at, j], pool.shape[0])].set(
             u.astype(pool.dtype), mode="drop")
 
-    if mesh.devices.size == 1:
-        batch = ()
+    if not batch:
         return local(pool, update, table, slot, count)
-    spec = shd.logical_to_spec(PagedKVCache.PAGE_AXES)
-    batch = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
     whole = P(None, *spec[1:])
     update = jax.lax.with_sharding_constraint(update, NamedSharding(mesh, whole))
     return jax.shard_map(local, mesh=mesh,
