@@ -38,13 +38,9 @@ def _same(a, b):
     np.testing.assert_array_equal(a.finish_reason, b.finish_reason)
 
 
-@pytest.mark.parametrize("spec,prompts,slot_counts", [
-    ("data=1", 5, (4, 15, 21)), ("data=4,tensor=2", 4, (12,)),
-    pytest.param("data=4,tensor=2", 4, (4, 16), marks=pytest.mark.slow)])
-def test_rows_match_one_static_call_for_any_slot_count(spec, prompts, slot_counts):
-    """15 or 12 rows (5 or 4 prompts x 3) of varied lengths (stop ids, a stop string, the length
-    limit): fewer, as many and more slots than rows give the static call's rows exactly; slots
-    reused many times must reset their stop-string state and cache."""
+def mixed_rows(spec, prompts):
+    """A model on `spec` and its rows of varied lengths (stop ids, a stop string, the length
+    limit) from one static call: (model, mesh, tokens, mask, params, tokenizer, reference)."""
     mesh = make_mesh(spec, jax.devices()[:1] if spec == "data=1" else None)
     model = init_model(CONFIG, mesh, seed=1)
     tokens, mask = _prompts(prompts)
@@ -52,6 +48,29 @@ def test_rows_match_one_static_call_for_any_slot_count(spec, prompts, slot_count
                             stop_strings=("ab",))
     tok = LetterTokenizer()
     ref = sample(model, tokens, mask, params, seed=3, mesh=mesh, tokenizer=tok)
+    return model, mesh, tokens, mask, params, tok, ref
+
+
+def generation_case():
+    """Four prompts on one device for `generate`: (model, tokens, mask, token lists, params,
+    keyword arguments)."""
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    model = init_model(CONFIG, mesh, seed=1)
+    tokens, mask = _prompts(b=4)
+    prompts = [t[m].tolist() for t, m in zip(tokens, mask, strict=False)]
+    params = SamplingParams(max_new_tokens=10, n=2, stop_token_ids=(5, 17, 40, 61))
+    return model, tokens, mask, prompts, params, dict(
+        tokenizer=PadTokenizer(), mesh=mesh, seed=jax.random.key(7))
+
+
+@pytest.mark.parametrize("spec,prompts,slot_counts", [
+    ("data=1", 5, (4, 15, 21)), ("data=4,tensor=2", 4, (12,)),
+    pytest.param("data=4,tensor=2", 4, (4, 16), marks=pytest.mark.slow)])
+def test_rows_match_one_static_call_for_any_slot_count(spec, prompts, slot_counts):
+    """15 or 12 rows (5 or 4 prompts x 3) of varied lengths (stop ids, a stop string, the length
+    limit): fewer, as many and more slots than rows give the static call's rows exactly; slots
+    reused many times must reset their stop-string state and cache."""
+    model, mesh, tokens, mask, params, tok, ref = mixed_rows(spec, prompts)
     lengths = set(ref.lengths.tolist())
     assert len(lengths) >= 3 and max(lengths) == 14 and "stop" in ref.finish_reason  # a mix
     for slots in slot_counts:
@@ -68,12 +87,7 @@ def test_rollout_generate_static_calls_and_continuous_agree():
     """The generation path: static calls of 2 prompts (rows keyed by their rollout index; one
     big call is the test above) and continuous batching with 3 slots give the same Rollout; the
     report's figures are the hand-computed ones."""
-    mesh = make_mesh("data=1", jax.devices()[:1])
-    model = init_model(CONFIG, mesh, seed=1)
-    tokens, mask = _prompts(b=4)
-    prompts = [t[m].tolist() for t, m in zip(tokens, mask, strict=False)]
-    params = SamplingParams(max_new_tokens=10, n=2, stop_token_ids=(5, 17, 40, 61))
-    kw = dict(tokenizer=PadTokenizer(), mesh=mesh, seed=jax.random.key(7))
+    model, tokens, mask, prompts, params, kw = generation_case()
     split = generate(model, prompts, params, prompts_per_call=2, **kw)
     cont = generate(model, prompts, params, decode_slots=3, **kw)
     np.testing.assert_array_equal(cont.tokens, split.tokens)
@@ -91,4 +105,4 @@ def test_rollout_generate_static_calls_and_continuous_agree():
         total / (3 * cont.report["decode_steps"]))
     assert cont.report["tokens_per_s"] > 0
     with pytest.raises(ValueError, match="decode slots must be >= 1"):
-        sample_continuous(model, tokens, mask, params, seed=0, mesh=mesh, slots=0)
+        sample_continuous(model, tokens, mask, params, seed=0, mesh=kw["mesh"], slots=0)

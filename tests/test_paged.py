@@ -13,13 +13,10 @@ import jax.numpy as jnp
 
 from r1zero_jax.config import load_config
 from r1zero_jax.models import paged
-from r1zero_jax.models.decoder import init_model
 from r1zero_jax.sampling.continuous import sample_continuous
 from r1zero_jax.sampling.generation import generate
-from r1zero_jax.sampling.sampler import SamplingParams, sample
 from r1zero_jax.sharding import logical_sharding, make_mesh
-from test_continuous import CONFIG, PadTokenizer, _prompts, _same
-from test_sampling import LetterTokenizer
+from test_continuous import _same, generation_case, mixed_rows
 
 K, G, H, Z = 2, 3, 8, 4  # kv heads, queries per kv head, head dim, page size
 
@@ -95,13 +92,7 @@ def test_paged_rows_match_one_static_call(spec, prompts, runs):
     """The test_continuous rows (stop ids, a stop string, the length limit) on a paged cache:
     the static call's tokens and log-probs for every slot count and page size, and the same with
     a pool too small for every slot's rows (preempted rows come back with the same tokens)."""
-    mesh = make_mesh(spec, jax.devices()[:1] if spec == "data=1" else None)
-    model = init_model(CONFIG, mesh, seed=1)
-    tokens, mask = _prompts(prompts)
-    params = SamplingParams(max_new_tokens=14, n=3, stop_token_ids=(5, 17, 40, 61),
-                            stop_strings=("ab",))
-    tok = LetterTokenizer()
-    ref = sample(model, tokens, mask, params, seed=3, mesh=mesh, tokenizer=tok)
+    model, mesh, tokens, mask, params, tok, ref = mixed_rows(spec, prompts)
     for slots, page_size, pages in runs:
         out = sample_continuous(model, tokens, mask, params, seed=3, mesh=mesh, slots=slots,
                                 tokenizer=tok, page_size=page_size, pages=pages)
@@ -114,12 +105,7 @@ def test_paged_rows_match_one_static_call(spec, prompts, runs):
 
 
 def test_generate_reports_preemptions_and_refuses_a_pool_without_room_for_a_row():
-    mesh = make_mesh("data=1", jax.devices()[:1])
-    model = init_model(CONFIG, mesh, seed=1)
-    tokens, mask = _prompts(b=4)
-    prompts = [t[m].tolist() for t, m in zip(tokens, mask, strict=False)]
-    params = SamplingParams(max_new_tokens=10, n=2, stop_token_ids=(5, 17, 40, 61))
-    kw = dict(tokenizer=PadTokenizer(), mesh=mesh, seed=jax.random.key(7))
+    model, _, _, prompts, params, kw = generation_case()
     dense = generate(model, prompts, params, decode_slots=4, **kw)
     small = generate(model, prompts, params, decode_slots=4, page_size=4, cache_pages=8, **kw)
     np.testing.assert_array_equal(small.tokens, dense.tokens)
