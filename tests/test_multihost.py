@@ -1,6 +1,8 @@
 """Multi-host through two local processes x 4 CPU devices, against one process x 8 devices.
 
-This file is also the worker script: `python tests/test_multihost.py worker PORT PID OUT`.
+This file is also the worker script: `python tests/test_multihost.py worker PORT PID OUT`, and
+`python tests/test_multihost.py train RECORD ARGS...` runs `r1zero-jax train ARGS` recording what
+the process tokenized and sampled.
 """
 
 import json
@@ -35,7 +37,39 @@ def _batch():
     return tokens, mask
 
 
-def _sharded_forward():
+def _tiny_model():
+    from r1zero_jax.models.decoder import init_model
+    from r1zero_jax.sharding import make_mesh
+
+    mesh = make_mesh(MESH)
+    return init_model(_tiny_config(), mesh, seed=3), mesh
+
+
+# Six prompts of 3 to 13 tokens, 2 samples each: a process's 3 prompts fill its 2 batch shards
+# only with a padding prompt, and its prompt width (8 or 16) is not the other's.
+PROMPTS = [[(7 * i + j) % 100 + 1 for j in range(3 + 2 * i)] for i in range(6)]
+
+
+def _generate(model, mesh, local: bool, **kw):
+    """{static, continuous}: (tokens, logprobs) of `PROMPTS`' rows; local: this process's
+    prompts in, its rows out."""
+    from r1zero_jax.sampling.generation import generate
+    from r1zero_jax.sampling.sampler import SamplingParams
+    from r1zero_jax.sharding import data_slice
+
+    index, count = data_slice(mesh) if local else (0, 1)
+    share = len(PROMPTS) // count
+    mine = PROMPTS[index * share:(index + 1) * share]
+    out = {}
+    calls = {"static": dict(prompts_per_call=4), "continuous": dict(decode_slots=4)}
+    for name, how in calls.items():
+        r = generate(model, mine, SamplingParams(max_new_tokens=6, n=2), tokenizer=None,
+                     mesh=mesh, seed=5, local=local, **{**how, **kw})
+        out[name] = (r.tokens, r.logprobs, r.report["generated_tokens"])
+    return out
+
+
+def _sharded_forward(model, mesh):
     """Logits [8,12,128] of a tiny Qwen2 sharded over data x fsdp x tensor = 2 x 2 x 2,
     plus the global sum of squared params (a cross-process reduction), gathered to host."""
     import jax
@@ -43,11 +77,9 @@ def _sharded_forward():
     from flax import nnx
     from jax.experimental import multihost_utils
 
-    from r1zero_jax.models.decoder import init_model, positions_from_mask
-    from r1zero_jax.sharding import make_mesh, shard_batch
+    from r1zero_jax.models.decoder import positions_from_mask
+    from r1zero_jax.sharding import shard_batch
 
-    mesh = make_mesh(MESH)
-    model = init_model(_tiny_config(), mesh, seed=3)
     tokens, mask = _batch()
     tokens, mask = shard_batch(mesh, tokens), shard_batch(mesh, mask)
 
@@ -69,8 +101,12 @@ def _worker(port: str, pid: str, out: str) -> None:
 
     assert spec is not None and jax.process_count() == 2, jax.process_count()
     assert jax.local_device_count() == 4 and jax.device_count() == 8, jax.devices()
-    logits, sq = _sharded_forward()
+    model, mesh = _tiny_model()
+    logits, sq = _sharded_forward(model, mesh)
     np.save(f"{out}.{pid}.npy", logits)
+    rows = _generate(model, mesh, local=True)
+    np.savez(f"{out}.{pid}.rows.npz", **{f"{k}_{i}": np.asarray(v[i]) for k, v in rows.items()
+                                         for i in range(3)})
     with open(f"{out}.{pid}.json", "w") as f:
         json.dump({"sq": sq, "process_index": jax.process_index(),
                    "main": dist.is_main_process()}, f)
@@ -108,7 +144,8 @@ def test_two_processes_match_one_process(tmp_path):
     import jax
 
     assert jax.device_count() == 8 and jax.process_count() == 1
-    want_logits, want_sq = _sharded_forward()
+    model, mesh = _tiny_model()
+    want_logits, want_sq = _sharded_forward(model, mesh)
     for i in range(2):
         got = np.load(f"{out}.{i}.npy")
         meta = json.loads(Path(f"{out}.{i}.json").read_text())
@@ -116,6 +153,17 @@ def test_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(got, want_logits, rtol=1e-5, atol=1e-5)
         assert meta["sq"] == pytest.approx(want_sq, rel=1e-6)
     assert np.abs(want_logits).max() > 0  # a real forward, not zeros
+
+    # Process-local sampling: each process got back its own prompts' rows (3 prompts x 2), and
+    # together they are one process's rollout of all six, static calls and continuous alike.
+    tokens, logprobs, generated = _generate(model, mesh, local=False, prompts_per_call=0)["static"]
+    parts = [np.load(f"{out}.{i}.rows.npz") for i in range(2)]
+    for how in ("static", "continuous"):
+        assert all(p[f"{how}_0"].shape == (6, 6) for p in parts)
+        np.testing.assert_array_equal(np.concatenate([p[f"{how}_0"] for p in parts]), tokens)
+        np.testing.assert_allclose(np.concatenate([p[f"{how}_1"] for p in parts]), logprobs,
+                                   rtol=1e-5, atol=1e-5)
+        assert [int(p[f"{how}_2"]) for p in parts] == [generated] * 2  # every slice's tokens
 
 
 SMOKE_ARGS = ["train", "cpu_smoke", "--steps", "2", "--set", "train.warmup_sft_steps=20",
@@ -125,9 +173,37 @@ NOT_COMPARED = ("time_", "gen_tokens_per_s")  # wall-clock figures
 
 
 def _train(workdir, *extra, env):
-    return subprocess.Popen([sys.executable, "-m", "r1zero_jax.cli", *SMOKE_ARGS, "--workdir",
-                             str(workdir), *extra], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    """`r1zero-jax train` of SMOKE_ARGS, recording to workdir/record.PID.json what the process
+    tokenized and sampled."""
+    return subprocess.Popen([sys.executable, __file__, "train", str(workdir / "record"),
+                             *SMOKE_ARGS, "--workdir", str(workdir), *extra], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _train_recording(record: str, args: list[str]) -> None:
+    from r1zero_jax import cli
+    from r1zero_jax.data import pipeline
+    from r1zero_jax.rl import trainer
+
+    seen = {"encoded": [], "sampled": []}
+    make_encoder, generate = pipeline.make_encoder, trainer.generate
+
+    def recording_encoder(tokenizer):
+        encode = make_encoder(tokenizer)
+        return lambda texts: seen["encoded"].append(len(texts)) or encode(texts)
+
+    def recording_generate(model, prompt_tokens, *a, **k):
+        rollout = generate(model, prompt_tokens, *a, **k)
+        seen["sampled"].append({"prompts": [list(map(int, p)) for p in prompt_tokens],
+                                "rows": rollout.size})
+        return rollout
+
+    pipeline.make_encoder, trainer.generate = recording_encoder, recording_generate
+    code = cli.main(args)
+    import jax
+
+    Path(f"{record}.{jax.process_index()}.json").write_text(json.dumps(seen))
+    sys.exit(code)
 
 
 def _metrics(workdir):
@@ -137,7 +213,8 @@ def _metrics(workdir):
 
 def test_cpu_smoke_two_processes_match_one_process(tmp_path):
     """`r1zero-jax train cpu_smoke` as 2 processes x 4 CPU devices and as 1 x 8: the same
-    metrics (1e-5) and the same checkpoint; only process 0 writes metrics. About 80 s."""
+    metrics (1e-5) and the same checkpoint; only process 0 writes metrics; each process
+    tokenized and sampled only its half of every step's prompts. About 90 s."""
     from r1zero_jax.checkpoint import restore_params
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("R1ZERO_")}
@@ -147,6 +224,19 @@ def test_cpu_smoke_two_processes_match_one_process(tmp_path):
     port = _free_port()
     _wait_all([_train(two, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                       "--process-id", str(i), env=env) for i in range(2)], timeout=900)
+
+    # Each process held its half of each step's 32 prompts, 16 x 8 rows came back to it, and it
+    # tokenized its half of the rows' length check and its own prompts only.
+    (alone,), pair = ([json.loads((d / f"record.{i}.json").read_text()) for i in range(n)]
+                      for d, n in ((one, 1), (two, 2)))
+    assert [len(s["prompts"]) for s in alone["sampled"]] == [32, 32]
+    for step, whole in enumerate(alone["sampled"]):
+        halves = [p["sampled"][step] for p in pair]
+        assert [h["prompts"] for h in halves] == [whole["prompts"][:16], whole["prompts"][16:]]
+        assert [h["rows"] for h in halves] == [16 * 8, 16 * 8] and whole["rows"] == 32 * 8
+    rows = alone["encoded"][0]  # the length check: every row once, split over the processes
+    assert alone["encoded"] == [rows, 32, 32]
+    assert [p["encoded"] for p in pair] == [[-(-rows // 2), 16, 16], [rows // 2, 16, 16]]
 
     want, got = _metrics(one), _metrics(two)
     assert [r["step"] for r in got] == [1, 2] and want[0]["entropy"] > 0
@@ -249,3 +339,6 @@ def test_cpu_collective_timeout_is_raised_and_honoured(tmp_path):
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     sys.path.insert(0, ROOT)
     _worker(*sys.argv[2:5])
+elif __name__ == "__main__" and sys.argv[1:2] == ["train"]:
+    sys.path.insert(0, ROOT)
+    _train_recording(sys.argv[2], sys.argv[3:])

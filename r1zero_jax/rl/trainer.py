@@ -102,6 +102,15 @@ def _check_slices(cfg: RunConfig, slices: int) -> None:
                              f"{cfg.mesh.spec!r}); each process samples an equal share")
 
 
+def _shared_token_counts(encode, prompts: list[str]) -> list[int]:
+    """Every prompt's token count, each process encoding a contiguous share (gathered)."""
+    count, rank = jax.process_count(), jax.process_index()
+    share = -(-len(prompts) // count)
+    part = prompts[rank * share:(rank + 1) * share]
+    mine = [len(t) for t in encode(part)] if part else []
+    return [n for part in shd.allgather_json(mine) for n in part]
+
+
 @dataclasses.dataclass
 class Hook:
     """Runs `fn(step, metrics)` after every `every`-th RL step (step counts from 1)."""
@@ -291,7 +300,7 @@ class Trainer:
             PipelineConfig(template=c.data.template, max_prompt_tokens=c.data.max_prompt_tokens,
                            batch_size=c.prompts_per_rollout // self.slices, seed=c.data.seed,
                            process_index=self.slice, process_count=self.slices),
-            prompt=self.task.prompt)
+            prompt=self.task.prompt, count_tokens=_shared_token_counts)
         ckpt = self._checkpointer()
         latest = ckpt.latest_step()
         if self.is_writer:  # the run's checkpoints are model paths too (load_model, to-hf)
