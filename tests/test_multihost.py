@@ -255,6 +255,26 @@ def test_cpu_smoke_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_rollout_that_does_not_split_over_the_processes_is_refused():
+    """Checked in Trainer.__init__ right after the mesh, before any model work."""
+    import dataclasses
+
+    from r1zero_jax.config import load_config
+    from r1zero_jax.rl.trainer import _check_slices
+
+    cfg = load_config("cpu_smoke")
+    _check_slices(cfg, 2)  # 32 prompts, whole rollout per call
+    odd = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, rollout_batch_size=24))
+    with pytest.raises(ValueError, match=r"rollout prompts .*=3 is not divisible by the 2 data "
+                                         "slices"):
+        _check_slices(odd, 2)
+    _check_slices(odd, 1)
+    calls = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling,
+                                                                  prompts_per_call=3))
+    with pytest.raises(ValueError, match="sampling.prompts_per_call=3 is not divisible"):
+        _check_slices(calls, 2)
+
+
 def test_split_virtual_devices():
     assert dist.split_virtual_devices(8, 2) == 4
     assert dist.split_virtual_devices(8, 1) == 8
