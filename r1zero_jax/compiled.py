@@ -6,7 +6,8 @@ and every program is lowered from ShapeDtypeStructs carrying NamedShardings, so 
 allocated. The programs are the trainer's own: the learner's train step for one minibatch (with
 its accumulation, remat and logits chunking), the sampler's prefill and its decode loop (with
 `sampling.decode_slots`, continuous batching's: the prefill of the whole rollout's prompts with
-the first fill of the slots, and the loop that refills them).
+the first fill of the slots, and the loop that refills them; with `sampling.page_size`, on a
+paged cache).
 
 Figures are per chip and come from XLA: `memory_analysis` (argument, output, alias, temporary
 bytes), `cost_analysis` (which counts each loop body once: the decode program's figures are one
@@ -314,8 +315,15 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
             from r1zero_jax.sampling import continuous
 
             slots = -(-s.decode_slots // shards) * shards
+            paging = {}
+            if s.page_size:
+                width = continuous.pages_per_slot(sampler.prompt_width(tp), s.max_new_tokens,
+                                                  s.page_size)
+                pages = -(-(s.cache_pages or slots * width) // shards) * shards
+                paging = dict(page_size=s.page_size, pages=pages)
             start = lambda: continuous.start.lower(  # noqa: E731
-                abs_state, rows(jnp.int32), rows(bool), key, int_scalar, slots=slots, **static)
+                abs_state, rows(jnp.int32), rows(bool), key, int_scalar, slots=slots, **static,
+                **paging)
             loop_fn = continuous.run
         else:
             start = lambda: sampler.prefill.lower(  # noqa: E731

@@ -87,6 +87,13 @@ class SamplingConfig:
     # > 0: continuous batching, this many decode slots over the whole rollout (a slot takes the
     # next row as soon as its row ends); prompts_per_call is then unused. 0: static calls.
     decode_slots: int = 0
+    # > 0 (with decode_slots): the slots' KV cache is a pool of pages of this many tokens, and
+    # attention reads only the filled pages (models/paged.py). 0: a dense [Tp + M] cache per slot.
+    page_size: int = 0
+    # pages in the pool, over all batch shards (0: every slot at full length, never preempting);
+    # fewer pages hold more slots in the same memory: when they run out, the youngest rows are
+    # preempted and decoded again later, with the same tokens. `plan` sizes it.
+    cache_pages: int = 0
 
 
 @dataclass(frozen=True)
@@ -357,6 +364,7 @@ RANGES: dict[str, Range] = {
     "sampling.max_new_tokens": _POS_INT, "sampling.temperature": _NONNEG,
     "sampling.top_p": Range(0, 1, lo_open=True), "sampling.top_k": _NONNEG,
     "sampling.prompts_per_call": _NONNEG, "sampling.decode_slots": _NONNEG,
+    "sampling.page_size": _NONNEG, "sampling.cache_pages": _NONNEG,
     "rl.group_size": Range(2), "rl.rollout_batch_size": _POS_INT, "rl.clip_low": _UNIT_OPEN,
     "rl.clip_high": _NONNEG, "rl.kl_beta": _NONNEG, "rl.epochs_per_rollout": _POS_INT,
     "optim.learning_rate": _NONNEG, "optim.b1": _UNIT_OPEN, "optim.b2": _UNIT_OPEN,
@@ -416,6 +424,12 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
     if cfg.sampling.prompts_per_call and cfg.prompts_per_rollout % cfg.sampling.prompts_per_call:
         raise ValueError(f"rollout prompts ({cfg.prompts_per_rollout}) not divisible by "
                          f"sampling.prompts_per_call={cfg.sampling.prompts_per_call}")
+    s = cfg.sampling
+    if s.page_size and not s.decode_slots:
+        raise ValueError(f"sampling.page_size={s.page_size} pages the cache of continuous "
+                         "batching: set sampling.decode_slots too")
+    if s.cache_pages and not s.page_size:
+        raise ValueError(f"sampling.cache_pages={s.cache_pages} needs sampling.page_size > 0")
     if cfg.data.task != "math":
         from r1zero_jax.plugins import check_spec
 
@@ -459,6 +473,14 @@ def validate(cfg: RunConfig, num_devices: int | None = None) -> RunConfig:
             if n % batch_shards:
                 raise ValueError(f"{key}={n} is not divisible by the data axis "
                                  f"(data x fsdp = {batch_shards} in mesh {cfg.mesh.spec!r})")
+        if s.cache_pages:  # each batch shard's pool must hold one longest row
+            row = -(-(cfg.data.max_prompt_tokens + s.max_new_tokens) // s.page_size)
+            if s.cache_pages // batch_shards < row:
+                raise ValueError(
+                    f"sampling.cache_pages={s.cache_pages} leaves {s.cache_pages // batch_shards} "
+                    f"pages per batch shard (data x fsdp = {batch_shards}); a row of "
+                    f"data.max_prompt_tokens + sampling.max_new_tokens needs {row} pages of "
+                    f"{s.page_size}: set at least {row * batch_shards}")
     return cfg
 
 

@@ -14,7 +14,9 @@ Counts, per device, what lives in HBM during the two phases of an RL step and ta
             max_new_tokens) in the compute dtype, the decode logits, and one layer's
             all-gathered weights (prefill); with continuous batching (sampling.decode_slots)
             the cache of the decode slots plus the prompt caches of the whole rollout, and
-            `decode_slots_max`, the most slots that fit
+            `decode_slots_max`, the most slots that fit; with a paged cache
+            (sampling.page_size) the slots' cache is the page pool, and `cache_pages_max` the
+            most pages that fit beside the slots' logits
 Estimates, not XLA's numbers: a plan "fits" when the peak stays under FIT_FRACTION of HBM, leaving
 room for XLA's scratch buffers and fragmentation. `plan --compile` (compiled.py) replaces them
 with XLA's own figures for the real programs; on the paper's recipes the learn phase estimate is
@@ -103,6 +105,8 @@ class Workload:
     rollout_sequences: int = 0  # sequences per RL step (for the token budget)
     prompt_cache_batch: int = 0  # continuous batching: prompts whose prefilled cache is kept
     prompt_len: int = 0  # their cache slots
+    page_size: int = 0  # paged cache: tokens per page
+    cache_pages: int = 0  # pages in the pool (all batch shards)
 
 
 def _shards(logical: str | None, mesh: dict[str, int]) -> int:
@@ -189,7 +193,10 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
     bs = w.sample_batch / batch_shards
     kv_token = 2 * L * kt * H * cb  # one cache slot of one row, k and v, every layer
     prompt_cache = w.prompt_cache_batch / batch_shards * w.prompt_len * kv_token
-    kv_cache = bs * w.sample_len * kv_token + prompt_cache
+    page = w.page_size * kv_token  # one page, every layer, this device's kv heads
+    slots_cache = (w.cache_pages / batch_shards * page if w.page_size
+                   else bs * w.sample_len * kv_token)
+    kv_cache = slots_cache + prompt_cache
     sample_logits = 2 * bs * vt * 4  # decode logits and the filtered distribution, float32
 
     # The optimizer update runs after the last microbatch: gradients plus an `updates` tree.
@@ -207,21 +214,29 @@ def plan_memory(config, mesh: dict[str, int], w: Workload, hbm_bytes: int) -> di
         "learn_phase": resident + learn, "sample_phase": resident + sample, "peak": peak,
     }
     # Continuous batching: the most decode slots (a multiple of the batch shards) whose cache
-    # and logits fit beside everything else of the sample phase.
-    per_slot = (w.sample_len * kv_token + 2 * vt * 4) / batch_shards
+    # and logits fit beside everything else of the sample phase; with pages, the most pages
+    # that fit beside the configured slots' logits.
     room = FIT_FRACTION * hbm_bytes - resident - serving - gathered - prompt_cache
+    per_slot = (w.sample_len * kv_token + 2 * vt * 4) / batch_shards
     slots_max = int(max(0, room) // per_slot) // batch_shards * batch_shards
+    pages_max = (int(max(0, room - sample_logits) // page) * batch_shards if w.page_size
+                 else 0)
     per_device = {k: int(round(v)) for k, v in per_device.items()}
     problems = mesh_problems(config, mesh, w)
     fits = not problems and peak <= FIT_FRACTION * hbm_bytes
     tokens = {
         "train_tokens_per_device_microbatch": int(b * t),
-        "sample_tokens_per_device_call": int(bs * w.sample_len),
+        "sample_tokens_per_device_call": int(slots_cache / kv_token),  # KV slots or pages
         "rollout_max_tokens": w.rollout_sequences * w.sample_len,
     }
     out = {"num_params": num_params, "mesh": dict(mesh), "per_device_bytes": per_device,
            "hbm_bytes": int(hbm_bytes), "fits": bool(fits), "mesh_problems": problems,
            "token_budget": tokens, "decode_slots_max": slots_max}
+    if w.page_size:
+        row = -(-w.sample_len // w.page_size)
+        out["paged"] = {"page_size": w.page_size, "cache_pages": w.cache_pages,
+                        "cache_pages_max": pages_max, "pages_per_row": row,
+                        "full_rows_max": pages_max // row}
     out["advice"] = advice(out, w, hbm_bytes)
     return out
 
@@ -273,6 +288,9 @@ def workload_from_config(cfg) -> Workload:
     if s.decode_slots:
         continuous = dict(prompt_cache_batch=cfg.prompts_per_rollout,
                           prompt_len=cfg.data.max_prompt_tokens)
+    if s.page_size:  # cache_pages 0: every slot at full length
+        continuous.update(page_size=s.page_size,
+                          cache_pages=s.cache_pages or s.decode_slots * -(-length // s.page_size))
     return Workload(
         train_batch=cfg.microbatch, train_len=length,
         accumulation_steps=cfg.train.minibatch_size // cfg.microbatch,
@@ -413,6 +431,12 @@ def format_plan(p: dict) -> str:
                  f"sampler call, up to {tb['rollout_max_tokens']:,} per rollout")
     lines.append(f"  continuous batching: up to sampling.decode_slots={p['decode_slots_max']:,} "
                  "fit")
+    if p.get("paged"):
+        g = p["paged"]
+        lines.append(f"  paged cache: {g['cache_pages']:,} pages of {g['page_size']} tokens; up "
+                     f"to sampling.cache_pages={g['cache_pages_max']:,} fit ({g['full_rows_max']:,}"
+                     f" rows at full length, {g['pages_per_row']} pages each; shorter rows share "
+                     "the rest)")
     verdict = ("fits" if p["fits"] else "cannot run on this mesh" if p["mesh_problems"]
                else "does NOT fit")
     lines.append(f"  HBM {_gib(p['hbm_bytes'])} per chip: peak {_gib(d['peak'])} "

@@ -107,6 +107,11 @@ def activation_mesh(mesh: Mesh | None):
         _ACTIVATION_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_mesh` block, if any."""
+    return _ACTIVATION_MESH.get()
+
+
 def constrain(x, logical_axes: Iterable[str | None]):
     """x with the sharding its logical axes name on the activation mesh (no-op without one)."""
     mesh = _ACTIVATION_MESH.get()

@@ -51,8 +51,8 @@ PROMPTS = [[(7 * i + j) % 100 + 1 for j in range(3 + 2 * i)] for i in range(6)]
 
 
 def _generate(model, mesh, local: bool, **kw):
-    """{static, continuous}: (tokens, logprobs) of `PROMPTS`' rows; local: this process's
-    prompts in, its rows out."""
+    """{static, continuous, paged}: (tokens, logprobs, generated tokens) of `PROMPTS`' rows;
+    local: this process's prompts in, its rows out."""
     from r1zero_jax.sampling.generation import generate
     from r1zero_jax.sampling.sampler import SamplingParams
     from r1zero_jax.sharding import data_slice
@@ -61,7 +61,8 @@ def _generate(model, mesh, local: bool, **kw):
     share = len(PROMPTS) // count
     mine = PROMPTS[index * share:(index + 1) * share]
     out = {}
-    calls = {"static": dict(prompts_per_call=4), "continuous": dict(decode_slots=4)}
+    calls = {"static": dict(prompts_per_call=4), "continuous": dict(decode_slots=4),
+             "paged": dict(decode_slots=4, page_size=4)}
     for name, how in calls.items():
         r = generate(model, mine, SamplingParams(max_new_tokens=6, n=2), tokenizer=None,
                      mesh=mesh, seed=5, local=local, **{**how, **kw})
@@ -155,10 +156,11 @@ def test_two_processes_match_one_process(tmp_path):
     assert np.abs(want_logits).max() > 0  # a real forward, not zeros
 
     # Process-local sampling: each process got back its own prompts' rows (3 prompts x 2), and
-    # together they are one process's rollout of all six, static calls and continuous alike.
+    # together they are one process's rollout of all six: static calls, continuous batching on
+    # the dense and on the paged cache alike.
     tokens, logprobs, generated = _generate(model, mesh, local=False, prompts_per_call=0)["static"]
     parts = [np.load(f"{out}.{i}.rows.npz") for i in range(2)]
-    for how in ("static", "continuous"):
+    for how in ("static", "continuous", "paged"):
         assert all(p[f"{how}_0"].shape == (6, 6) for p in parts)
         np.testing.assert_array_equal(np.concatenate([p[f"{how}_0"] for p in parts]), tokens)
         np.testing.assert_allclose(np.concatenate([p[f"{how}_1"] for p in parts]), logprobs,

@@ -22,7 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from r1zero_jax import sharding as shd
+from r1zero_jax.models import paged
 from r1zero_jax.models.family import DecoderConfig, RopeScaling
+from r1zero_jax.models.paged import PagedKVCache
 
 _NEG_INF = -1e30  # finite, so a fully masked (left-pad) query row gives no NaN
 
@@ -174,6 +176,8 @@ class Attention(nnx.Module):
 
         Without a cache S == T. With a cache (kv = (k [B,K,H,S], v [B,K,S,H]) of this layer),
         the new keys are written at slots index..index+T-1 and the updated (k, v) are returned.
+        A decode step on a paged cache (models/paged.py) passes kv = this layer's (k, v) pages
+        and index = the PagedKVCache (page table, lengths); the key_* arguments are unused.
         """
         cfg, dt = self.cfg, self.dtype
         p = lambda v: v[...].astype(dt)  # noqa: E731
@@ -187,14 +191,18 @@ class Attention(nnx.Module):
         q, k, v = _pin(q, _Q_AXES), _pin(k, _KV_AXES), _pin(v, _KV_AXES)
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+        b, t = x.shape[:2]
+        g = cfg.num_heads // cfg.num_kv_heads
+        if isinstance(index, PagedKVCache):
+            out, *kv = paged.attend(q[:, 0].reshape(b, cfg.num_kv_heads, g, cfg.head_dim),
+                                    k[:, 0], v[:, 0], *kv, index, shd.active_mesh())
+            return self._project(out.reshape(b, t, cfg.num_heads, cfg.head_dim)), tuple(kv)
         k_spec = v_spec = "BSKH"
         if kv is not None:
             cache_k, cache_v = kv
             k = write_slots(cache_k, k.transpose(0, 2, 3, 1), index, axis=3)
             v = write_slots(cache_v, v.transpose(0, 2, 1, 3), index, axis=2)
             kv, k_spec, v_spec = (k, v), "BKHS", "BKSH"
-        b, t = x.shape[:2]
-        g = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
         causal = key_slot <= query_slot[..., None]  # [T,S], or [B,T,S] with per-row slots
         allowed = key_valid[:, None, None, None, :] & causal.reshape(
@@ -211,8 +219,12 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG_INF), axis=-1).astype(dt)
         out = jnp.einsum(f"{ss},{v_spec}->{qs}", probs, v.astype(dt))
         out = out if t == 1 else out.transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
-        out = _pin(out.reshape(b, t, cfg.num_heads, cfg.head_dim), _Q_AXES)
-        return _pin(jnp.einsum("BTNH,NHD->BTD", out, p(self.o_kernel)), _X_AXES), kv
+        return self._project(out.reshape(b, t, cfg.num_heads, cfg.head_dim)), kv
+
+    def _project(self, out):
+        """Attention output [B,T,N,H] -> [B,T,D]."""
+        o = self.o_kernel[...].astype(self.dtype)
+        return _pin(jnp.einsum("BTNH,NHD->BTD", _pin(out, _Q_AXES), o), _X_AXES)
 
 
 class MLP(nnx.Module):
@@ -266,9 +278,20 @@ class Decoder(nnx.Module):
                                   ("vocab_embed", "vocab"))
 
     def hidden_states(self, tokens, positions, mask, cache: KVCache | None = None):
-        """tokens, positions [B,T] int32; mask [B,T] bool -> (final-normed h [B,T,D], cache)."""
+        """tokens, positions [B,T] int32; mask [B,T] bool -> (final-normed h [B,T,D], cache).
+        With a PagedKVCache (a decode step, T = 1) the mask is unused: the cache's lengths and
+        write flags say what each row attends to."""
         t = tokens.shape[1]
         x = _pin(jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype), _X_AXES)
+        if isinstance(cache, PagedKVCache):
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                x, (k, v) = layer(x, positions, None, None, None, (cache.k[i], cache.v[i]), cache)
+                x = _pin(x, _X_AXES)
+                new_k.append(k)
+                new_v.append(v)
+            return self.final_norm(x), cache.replace(
+                k=tuple(new_k), v=tuple(new_v), length=cache.length + cache.write)
         if cache is None:
             key_valid, key_slot, query_slot = mask, jnp.arange(t), jnp.arange(t)
         else:

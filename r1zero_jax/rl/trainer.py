@@ -445,7 +445,9 @@ class Trainer:
                            tokenizer=self.tokenizer, mesh=self.mesh,
                            seed=jax.random.fold_in(jax.random.PRNGKey(c.train.seed), step),
                            prompts_per_call=c.sampling.prompts_per_call,
-                           decode_slots=c.sampling.decode_slots, local=True)
+                           decode_slots=c.sampling.decode_slots,
+                           page_size=c.sampling.page_size, cache_pages=c.sampling.cache_pages,
+                           local=True)
         t1 = time.perf_counter()
         answers = [a for a in batch["answers"] for _ in range(c.rl.group_size)]
         scores = tasks.score(self.task, pool, rollout.texts, answers,

@@ -51,19 +51,20 @@ def pad_id(tokenizer) -> int:
 
 def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingParams, *, tokenizer,
              mesh, seed: Any, prompts_per_call: int = 0, decode_slots: int = 0,
-             local: bool = False, on_call: Callable[[int, Rollout], None] | None = None,
+             page_size: int = 0, cache_pages: int = 0, local: bool = False,
+             on_call: Callable[[int, Rollout], None] | None = None,
              on_progress: Callable[[int, int], None] | None = None) -> Rollout:
     """`params.n` samples of each prompt (token lists, no padding), row p*n + j being sample j
     of prompt p. `decode_slots` > 0: one continuous batch over all rows on that many slots
-    (sampling/continuous.py); else static calls of `prompts_per_call` prompts (0: all in one).
-    Both give every row the same tokens: one key, each row's stream keyed by its index in the
-    rollout. `seed`: an int or a JAX key. `on_call(first_prompt, rollout)` sees each call's
-    rollout as it finishes (grading while the next call samples); `on_progress(rows, tokens)`
-    gets the finished rows and generated tokens of the rollout so far from inside long static
-    calls (progress lines). The returned Rollout's `report` is `sampler.rollout_report` over the
-    calls (generated tokens of every slice). local: `prompt_tokens` are this process's data
-    slice, every slice the same count, and the Rollout holds their rows only (progress counts
-    them too)."""
+    (sampling/continuous.py; `page_size` > 0 pages its cache, `cache_pages` pages); else
+    static calls of `prompts_per_call` prompts (0: all in one). Both give every row the same
+    tokens: one key, each row's stream keyed by its index in the rollout. `seed`: an int or a
+    JAX key. `on_call(first_prompt, rollout)` sees each call's rollout as it finishes (grading
+    while the next call samples); `on_progress(rows, tokens)` gets the finished rows and
+    generated tokens of the rollout so far from inside long static calls (progress lines). The
+    returned Rollout's `report` is `sampler.rollout_report` over the calls (generated tokens of
+    every slice). local: `prompt_tokens` are this process's data slice, every slice the same
+    count, and the Rollout holds their rows only (progress counts them too)."""
     from r1zero_jax.sampling.continuous import sample_continuous
 
     if not len(prompt_tokens):
@@ -90,7 +91,8 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingPara
     if decode_slots:
         ptok, pmask = left_pad(prompt_tokens, pad, prompt_width(max(map(len, prompt_tokens))))
         parts.append(sample_continuous(model, ptok, pmask, params, seed=key, mesh=mesh,
-                                       slots=decode_slots, tokenizer=tokenizer, local=local))
+                                       slots=decode_slots, tokenizer=tokenizer,
+                                       page_size=page_size, pages=cache_pages, local=local))
         if on_call is not None:
             on_call(0, parts[0])
     else:

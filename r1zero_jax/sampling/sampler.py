@@ -546,13 +546,17 @@ def finish(c: Call, tokens, logprobs, lengths, stopped, *, rows: int, params: Sa
 def rollout_report(timings: list[dict], generated_tokens: int) -> dict:
     """Per rollout (over its sampler calls): decode_steps (token-choosing passes, summed over
     calls), generated_tokens, slot_utilization = generated tokens / sum(slots x steps) (the share
-    of decoded row-steps that produced a token), tokens_per_s (prefill and decode wall time)."""
+    of decoded row-steps that produced a token), tokens_per_s (prefill and decode wall time);
+    with a paged cache, preemptions (rows decoded again for lack of pages)."""
     slot_steps = sum(t["slots"] * t["token_steps"] for t in timings)
     wall = sum(t["prefill_s"] + t["decode_s"] for t in timings)
-    return {"decode_steps": int(sum(t["token_steps"] for t in timings)),
-            "generated_tokens": int(generated_tokens),
-            "slot_utilization": generated_tokens / max(slot_steps, 1),
-            "tokens_per_s": generated_tokens / max(wall, 1e-9)}
+    report = {"decode_steps": int(sum(t["token_steps"] for t in timings)),
+              "generated_tokens": int(generated_tokens),
+              "slot_utilization": generated_tokens / max(slot_steps, 1),
+              "tokens_per_s": generated_tokens / max(wall, 1e-9)}
+    if any("preemptions" in t for t in timings):
+        report["preemptions"] = int(sum(t.get("preemptions", 0) for t in timings))
+    return report
 
 
 def decode_texts(tokenizer, rollout: Rollout, stop_strings: tuple[str, ...] = ()) -> list[str]:
