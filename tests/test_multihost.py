@@ -1,8 +1,8 @@
 """Multi-host through two local processes x 4 CPU devices, against one process x 8 devices.
 
-This file is also the worker script: `python tests/test_multihost.py worker PORT PID OUT`, and
-`python tests/test_multihost.py train RECORD ARGS...` runs `r1zero-jax train ARGS` recording what
-the process tokenized and sampled.
+This file is also the worker script: `python tests/test_multihost.py worker PORT PID OUT WAYS`,
+and `python tests/test_multihost.py train RECORD ARGS...` runs `r1zero-jax train ARGS` recording
+what the process tokenized and sampled.
 """
 
 import json
@@ -50,8 +50,13 @@ def _tiny_model():
 PROMPTS = [[(7 * i + j) % 100 + 1 for j in range(3 + 2 * i)] for i in range(6)]
 
 
-def _generate(model, mesh, local: bool, **kw):
-    """{static, continuous, paged}: (tokens, logprobs, generated tokens) of `PROMPTS`' rows;
+# Ways to sample a rollout: static calls, continuous batching on the dense and the paged cache.
+WAYS = {"static": dict(prompts_per_call=4), "continuous": dict(decode_slots=4),
+        "paged": dict(decode_slots=4, page_size=4)}
+
+
+def _generate(model, mesh, local: bool, ways, **kw):
+    """{way: (tokens, logprobs, generated tokens)} of `PROMPTS`' rows for each of `ways`;
     local: this process's prompts in, its rows out."""
     from r1zero_jax.sampling.generation import generate
     from r1zero_jax.sampling.sampler import SamplingParams
@@ -61,12 +66,10 @@ def _generate(model, mesh, local: bool, **kw):
     share = len(PROMPTS) // count
     mine = PROMPTS[index * share:(index + 1) * share]
     out = {}
-    calls = {"static": dict(prompts_per_call=4), "continuous": dict(decode_slots=4),
-             "paged": dict(decode_slots=4, page_size=4)}
-    for name, how in calls.items():
+    for way in ways:
         r = generate(model, mine, SamplingParams(max_new_tokens=6, n=2), tokenizer=None,
-                     mesh=mesh, seed=5, local=local, **{**how, **kw})
-        out[name] = (r.tokens, r.logprobs, r.report["generated_tokens"])
+                     mesh=mesh, seed=5, local=local, **{**WAYS[way], **kw})
+        out[way] = (r.tokens, r.logprobs, r.report["generated_tokens"])
     return out
 
 
@@ -96,7 +99,7 @@ def _sharded_forward(model, mesh):
     return np.asarray(logits), float(sq)
 
 
-def _worker(port: str, pid: str, out: str) -> None:
+def _worker(port: str, pid: str, out: str, ways: str) -> None:
     spec = dist.initialize(f"127.0.0.1:{port}", 2, int(pid), cpu_devices=8, timeout_s=60)
     import jax
 
@@ -105,7 +108,7 @@ def _worker(port: str, pid: str, out: str) -> None:
     model, mesh = _tiny_model()
     logits, sq = _sharded_forward(model, mesh)
     np.save(f"{out}.{pid}.npy", logits)
-    rows = _generate(model, mesh, local=True)
+    rows = _generate(model, mesh, local=True, ways=ways.split(","))
     np.savez(f"{out}.{pid}.rows.npz", **{f"{k}_{i}": np.asarray(v[i]) for k, v in rows.items()
                                          for i in range(3)})
     with open(f"{out}.{pid}.json", "w") as f:
@@ -133,14 +136,34 @@ def _wait_all(procs, timeout):
         assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
 
 
-def test_two_processes_match_one_process(tmp_path):
+def _two_workers(tmp_path, ways) -> str:
     port, out = _free_port(), str(tmp_path / "res")
     env = {k: v for k, v in os.environ.items() if not k.startswith("R1ZERO_")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(port), str(i), out],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(port), str(i), out,
+                               ",".join(ways)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
     _wait_all(procs, WORKER_TIMEOUT_S)
+    return out
+
+
+def _check_local_rows(out, model, mesh, ways) -> None:
+    """Process-local sampling: each process got back its own prompts' rows (3 prompts x 2), and
+    together they are one process's rollout of all six."""
+    tokens, logprobs, generated = _generate(model, mesh, local=False, ways=("static",),
+                                            prompts_per_call=0)["static"]
+    parts = [np.load(f"{out}.{i}.rows.npz") for i in range(2)]
+    for way in ways:
+        assert all(p[f"{way}_0"].shape == (6, 6) for p in parts)
+        np.testing.assert_array_equal(np.concatenate([p[f"{way}_0"] for p in parts]), tokens)
+        np.testing.assert_allclose(np.concatenate([p[f"{way}_1"] for p in parts]), logprobs,
+                                   rtol=1e-5, atol=1e-5)
+        assert [int(p[f"{way}_2"]) for p in parts] == [generated] * 2  # every slice's tokens
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """A sharded forward, and process-local sampling by static calls and continuous batching."""
+    out = _two_workers(tmp_path, ("static", "continuous"))
 
     import jax
 
@@ -155,17 +178,13 @@ def test_two_processes_match_one_process(tmp_path):
         assert meta["sq"] == pytest.approx(want_sq, rel=1e-6)
     assert np.abs(want_logits).max() > 0  # a real forward, not zeros
 
-    # Process-local sampling: each process got back its own prompts' rows (3 prompts x 2), and
-    # together they are one process's rollout of all six: static calls, continuous batching on
-    # the dense and on the paged cache alike.
-    tokens, logprobs, generated = _generate(model, mesh, local=False, prompts_per_call=0)["static"]
-    parts = [np.load(f"{out}.{i}.rows.npz") for i in range(2)]
-    for how in ("static", "continuous", "paged"):
-        assert all(p[f"{how}_0"].shape == (6, 6) for p in parts)
-        np.testing.assert_array_equal(np.concatenate([p[f"{how}_0"] for p in parts]), tokens)
-        np.testing.assert_allclose(np.concatenate([p[f"{how}_1"] for p in parts]), logprobs,
-                                   rtol=1e-5, atol=1e-5)
-        assert [int(p[f"{how}_2"]) for p in parts] == [generated] * 2  # every slice's tokens
+    _check_local_rows(out, model, mesh, ("static", "continuous"))
+
+
+@pytest.mark.slow
+def test_process_local_rows_through_the_paged_cache(tmp_path):
+    out = _two_workers(tmp_path, ("paged",))
+    _check_local_rows(out, *_tiny_model(), ("paged",))
 
 
 SMOKE_ARGS = ["train", "cpu_smoke", "--steps", "2", "--set", "train.warmup_sft_steps=20",
@@ -360,7 +379,7 @@ def test_cpu_collective_timeout_is_raised_and_honoured(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     sys.path.insert(0, ROOT)
-    _worker(*sys.argv[2:5])
+    _worker(*sys.argv[2:6])
 elif __name__ == "__main__" and sys.argv[1:2] == ["train"]:
     sys.path.insert(0, ROOT)
     _train_recording(sys.argv[2], sys.argv[3:])
