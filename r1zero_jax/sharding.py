@@ -191,20 +191,27 @@ def to_host(tree):
 def batch_slices(mesh: Mesh) -> tuple[int, ...]:
     """The data slice of each process (indexed by process). A batch sharded over `batch` splits
     into equal blocks of consecutive rows, slice i the i-th; a process holds the block its devices
-    hold, and processes whose devices hold the same rows share a slice. All zeros (one slice:
-    every process the whole batch) when the blocks are not contiguous, equal and disjoint."""
+    hold, and processes whose devices hold the same rows share a slice (`slices_of`)."""
     shards = axis_size(mesh, "batch")
     held: dict[int, set[int]] = {}
     for device, index in logical_sharding(mesh, ("batch",)).devices_indices_map(
             (shards,)).items():
         held.setdefault(device.process_index, set()).add(index[0].start or 0)
+    return slices_of(held, shards, jax.process_count())
+
+
+def slices_of(held: dict[int, set[int]], shards: int, processes: int) -> tuple[int, ...]:
+    """Each process's slice from the batch shards its devices hold (`held`, by process): the
+    rank of its block of shards. All zeros (one slice: every process the whole batch) when the
+    blocks are not contiguous, equal and disjoint, or a process holds none."""
     blocks = sorted({(min(h), max(h) + 1) for h in held.values()})
     size = blocks[0][1] - blocks[0][0]
-    regular = (all(len(h) == max(h) + 1 - min(h) for h in held.values())
+    regular = (sorted(held) == list(range(processes))
+               and all(len(h) == max(h) + 1 - min(h) for h in held.values())
                and blocks == [(i * size, (i + 1) * size) for i in range(shards // size)])
     if not regular:
-        return (0,) * len(held)
-    return tuple(blocks.index((min(held[p]), max(held[p]) + 1)) for p in sorted(held))
+        return (0,) * processes
+    return tuple(blocks.index((min(held[p]), max(held[p]) + 1)) for p in range(processes))
 
 
 def data_slice(mesh: Mesh) -> tuple[int, int]:

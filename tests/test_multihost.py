@@ -296,6 +296,20 @@ def test_a_rollout_that_does_not_split_over_the_processes_is_refused():
         _check_slices(calls, 2)
 
 
+def test_data_slices_from_the_batch_shards_each_process_holds():
+    from r1zero_jax.sharding import slices_of
+
+    assert slices_of({0: {0, 1}, 1: {2, 3}}, 4, 2) == (0, 1)
+    assert slices_of({0: {2, 3}, 1: {0, 1}}, 4, 2) == (1, 0)  # by the rows, not the process
+    assert slices_of({0: {0, 1}, 1: {2, 3}, 2: {0, 1}, 3: {2, 3}}, 4, 4) == (0, 1, 0, 1)
+    assert slices_of({0: {0}, 1: {0}}, 1, 2) == (0, 0)  # batch not split: one slice
+    # no regular blocks: one slice, every process the whole batch
+    assert slices_of({0: {0, 2}, 1: {1, 3}}, 4, 2) == (0, 0)
+    assert slices_of({0: {0, 1, 2}, 1: {3}}, 4, 2) == (0, 0)
+    assert slices_of({0: {0, 1}, 1: {1, 2}}, 3, 2) == (0, 0)
+    assert slices_of({0: {0, 1}}, 2, 2) == (0, 0)  # process 1 holds no rows
+
+
 def test_split_virtual_devices():
     assert dist.split_virtual_devices(8, 2) == 4
     assert dist.split_virtual_devices(8, 1) == 8
