@@ -61,7 +61,8 @@ class _Slots:
     prompt_cache: KVCache  # [Bp, ..., Tp]
     prompt_h: jax.Array  # [Bp, D]: final-normed h of each prompt's last token
     prompt_len: jax.Array  # int32 [Bp]
-    prompt_ids: jax.Array  # int32 [Bp]: each prompt's index in the rollout (random streams)
+    # int32 [Bp]: each prompt's index in the rollout (random streams); None: the row index is
+    prompt_ids: jax.Array | None
     num_rows: jax.Array  # int32 []: R
     row: jax.Array  # int32 [S]: the slot's row; Rp (past the buffers) when idle
     step: jax.Array  # int32 [S]: tokens its row has so far (the next token's index)
@@ -289,7 +290,7 @@ def start(state, tokens, mask, key, num_rows, prompt_ids, *, graphdef, plan: Pla
     s = _Slots(
         cache=cache, prompt_cache=prompt_cache, prompt_h=_slot(h, mesh),
         prompt_len=_slot(jnp.sum(mask, axis=-1, dtype=jnp.int32), mesh),
-        prompt_ids=_slot(prompt_ids, mesh), num_rows=num_rows,
+        prompt_ids=None if prompt_ids is None else _slot(prompt_ids, mesh), num_rows=num_rows,
         row=zeros((slots,), jnp.int32), step=zeros((slots,), jnp.int32),
         last=zeros((slots,), jnp.int32), fresh=zeros((slots,), bool),
         stop_state=zeros((slots, plan.num_stop_strings), jnp.int32),
@@ -337,7 +338,7 @@ def run(state, s: _Slots, temperature, top_p, tables, finals, *, graphdef, plan:
             h, cache = model.hidden_states(s.last[:, None], pos[:, None], one, cache)
             h = jnp.where(s.fresh[:, None], s.prompt_h[prompt], h[:, 0])
             logits = _constrain(model.logits(h[:, None])[:, 0], mesh, vocab_parallel.LOGIT_AXES)
-        stream = s.prompt_ids[prompt] * plan.n + s.row % plan.n  # = s.row on one process
+        stream = s.row if s.prompt_ids is None else s.prompt_ids[prompt] * plan.n + s.row % plan.n
         token, logp = _choose(logits, s.key, s.step, stream, temperature, top_p, plan)
         hit, stop_state = _stop_hit(token, s.stop_state, tables, finals, plan)
         done = active & (hit | (s.step + 1 >= m))
@@ -393,8 +394,10 @@ def sample_continuous(model, prompt_tokens, prompt_mask, params: SamplingParams,
     static = dict(graphdef=c.graphdef, plan=c.plan)
     t0 = time.perf_counter()
     # Local: each slice's padding prompts lie between the slices' rows; they are decoded too.
+    # One slice: a row's stream is its index, read without the ids.
     s = start(c.state, c.tokens, c.mask, c.key,
-              jax.device_put(np.int32(c.decode_rows), shd.replicated(mesh)), c.prompt_ids,
+              jax.device_put(np.int32(c.decode_rows), shd.replicated(mesh)),
+              c.prompt_ids if local and shd.data_slice(mesh)[1] > 1 else None,
               slots=slots, **static, **paging)
     jax.block_until_ready(s)
     t1 = time.perf_counter()
