@@ -15,6 +15,13 @@ capped at max_new_tokens (about e^-4 = 2% of rows reach it). The measured percen
 
   python benchmarks/rollout.py [--json]        # CPU, 1 device, a few minutes
 
+Paged (`--page-size Z`, 0 to skip): continuous batching again on a paged cache
+(`sampling.page_size`; models/paged.py), whose attention reads only the filled pages where the
+dense cache reads every slot's whole prompt + max_new_tokens row each step: `paged_speedup` is
+the dense continuous wall time over the paged one, same slots and rows.
+
+  python benchmarks/rollout.py --max-new-tokens 512 --prompts 64 --json   # longer rows
+
 Utilization depends on rows per slot: once no row is pending, slots empty while the last rows
 finish (at most max_new_tokens steps). The defaults (1,024 rows, the paper's rollout, on 32 slots)
 keep that drain small.
@@ -38,6 +45,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=32, help="decode slots = rows per static call")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=64, help="longest prompt (16 at least)")
+    ap.add_argument("--page-size", type=int, default=16, help="paged run's page size (0: none)")
+    ap.add_argument("--pages", type=int, default=0, help="paged run's pool (0: every slot full)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each (best kept)")
     ap.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     args = ap.parse_args()
@@ -77,11 +86,18 @@ def main() -> None:
         return generate(model, prompts, params, tokenizer=None, mesh=mesh, seed=0,
                         decode_slots=args.slots)
 
+    def paged():
+        return generate(model, prompts, params, tokenizer=None, mesh=mesh, seed=0,
+                        decode_slots=args.slots, page_size=args.page_size,
+                        cache_pages=args.pages)
+
+    runs = [("static", static), ("continuous", continuous)]
+    runs += [("paged", paged)] if args.page_size else []
     results = {}
-    for fn in (static, continuous):
+    for _, fn in runs:
         fn()  # compile
-    for _ in range(args.repeats):  # alternate, so both see the same machine load
-        for name, fn in (("static", static), ("continuous", continuous)):
+    for _ in range(args.repeats):  # alternate, so all see the same machine load
+        for name, fn in runs:
             t0 = time.perf_counter()
             rollout = fn()
             wall = time.perf_counter() - t0
@@ -113,6 +129,15 @@ def main() -> None:
           f"{s['slot_utilization']:.3f}, {s['wall_s']:.2f}s")
     print(f"continuous, {args.slots} slots: {c['decode_steps']} steps, utilization "
           f"{c['slot_utilization']:.3f}, {c['wall_s']:.2f}s  -> speedup {out['speedup']:.2f}x")
+    if args.page_size:
+        g = results["paged"]
+        out.update(page_size=args.page_size, paged_wall_s=g["wall_s"],
+                   paged_preemptions=g["preemptions"], paged_slot_utilization=g["slot_utilization"],
+                   paged_rows_identical=float(np.mean(np.all(g["tokens"] == c["tokens"], axis=1))),
+                   paged_speedup=c["wall_s"] / g["wall_s"])
+        print(f"paged, pages of {args.page_size}: {g['decode_steps']} steps, {g['preemptions']} "
+              f"preemptions, {g['wall_s']:.2f}s -> {out['paged_speedup']:.2f}x the dense "
+              f"continuous batch; {out['paged_rows_identical']:.1%} of rows identical")
     if args.json:
         print(json.dumps(out))
 

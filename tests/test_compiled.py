@@ -190,19 +190,24 @@ def test_trainer_optimizer_state_sharded_like_params_fresh_and_restored(tmp_path
                 assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
 
 
-def test_continuous_batching_compiles_for_v4_8_and_moves_no_weights():
-    """sampling.decode_slots: the prefill of every prompt of the rollout with the first fill of
-    the slots, and the refilling decode loop, compiled for a v4-8: within HBM, and a decode step
-    moves neither a weight matrix nor [rows, V] logits nor the rollout's [R, M] output buffers."""
+def _continuous_on_v4_8(extra=()):
     from r1zero_jax.sharding import make_mesh
 
     cfg = load_config("qwen2_5_math_1_5b_dr_grpo",
-                      TINY_MODEL + TINY_RUN + ["sampling.decode_slots=10"])
+                      TINY_MODEL + TINY_RUN + ["sampling.decode_slots=10", *extra])
     mesh = make_mesh(cfg.mesh.spec, _tpu_devices("v4-8"))
     qc = plan_lib.model_config_of(cfg)
     kept = {}
     out = comp.compile_programs(cfg, qc, mesh, programs=("prefill", "decode"),
                                 printer=lambda *a, **k: None, keep=kept)
+    return qc, out, kept
+
+
+def test_continuous_batching_compiles_for_v4_8_and_moves_no_weights():
+    """sampling.decode_slots: the prefill of every prompt of the rollout with the first fill of
+    the slots, and the refilling decode loop, compiled for a v4-8: within HBM, and a decode step
+    moves neither a weight matrix nor [rows, V] logits nor the rollout's [R, M] output buffers."""
+    qc, out, kept = _continuous_on_v4_8()
     (_, loop, *_), _ = kept["decode"].args_info
     assert loop.row.shape == (12,) and loop.tokens.shape == (32, 128)  # slots rounded to 4 shards
     assert loop.cache.k[0].shape == (12, 2, 64, 64 + 128)  # [S, K, H, Tp + M]
@@ -214,3 +219,29 @@ def test_continuous_batching_compiles_for_v4_8_and_moves_no_weights():
         assert c["bytes"] < query_kernel, c
         assert str(qc.vocab_size) not in c["shape"], c
         assert "[32,128]" not in c["shape"], c
+
+
+def test_paged_cache_compiles_for_v4_8_smaller_with_pages_kept_in_place():
+    """sampling.page_size: the paged decode loop compiled for a v4-8 beside the dense one. The
+    pool of 64 pages of 16 (16 per chip) replaces 3 slots x 192 tokens per chip: XLA's argument
+    bytes drop by at least that much cache; the pool is never copied (one layout for the page
+    writes and the ragged reads) and never moves between chips: the step's collectives are the
+    dense step's."""
+    import re
+
+    qc, dense, dense_kept = _continuous_on_v4_8()
+    _, out, kept = _continuous_on_v4_8(["sampling.page_size=16", "sampling.cache_pages=64"])
+    (_, loop, *_), _ = kept["decode"].args_info
+    kh = qc.num_kv_heads * qc.head_dim
+    assert loop.cache.k[0].shape == (64, 16, kh)  # [P, Z, K*H]
+    assert loop.cache.table.shape == (12, -(-(64 + 128) // 16))  # [S, W]
+    token = 2 * qc.num_layers * kh * 2  # k and v of one token, bf16, on a chip
+    saved = (3 * (64 + 128) - 16 * 16) * token
+    assert dense["decode"]["argument_bytes"] - out["decode"]["argument_bytes"] >= saved
+    text = kept["decode"].as_text()
+    pool = rf"bf16\[16,16,{kh}\]"  # one chip's pool of one layer
+    assert re.search(pool, text)
+    assert not re.search(pool + r"\{[^}]*\} copy\(", text)
+    steps = comp.collectives(text, top=10**6)
+    assert steps["bytes"] <= comp.collectives(dense_kept["decode"].as_text())["bytes"] * 1.01
+    assert not any(f",16,{kh}]" in c["shape"] for c in steps["largest"])

@@ -131,6 +131,29 @@ def test_continuous_batching_kv_cache_and_slots_that_fit():
     assert at(top) <= limit < at(top + 16)
 
 
+def test_paged_cache_pool_and_pages_that_fit():
+    """sampling.page_size: the slots' cache is the pool (by hand), default one full-length row
+    per slot; cache_pages_max pages fill the sample phase up to the fit limit and no further."""
+    over = ["sampling.decode_slots=256", "sampling.page_size=64"]
+    slot = 2 * L * (K // 2) * H * 2  # one token of one row on one device: k and v, bf16
+    prompts = 1024 // 8 // 16 * 512 * slot  # the rollout's prompt caches, as without pages
+    p = plan_lib.plan_config(load_config("qwen2_5_math_7b_dr_grpo", over), "v4-64")
+    row = -(-3512 // 64)  # 512 + 3000 tokens: 55 pages
+    assert p["paged"]["pages_per_row"] == row and p["paged"]["cache_pages"] == 256 * row
+    assert p["per_device_bytes"]["kv_cache"] == 256 * row // 16 * 64 * slot + prompts
+    small = over + ["sampling.cache_pages=4096"]
+    p = plan_lib.plan_config(load_config("qwen2_5_math_7b_dr_grpo", small), "v4-64")
+    assert p["per_device_bytes"]["kv_cache"] == 4096 // 16 * 64 * slot + prompts
+    top = p["paged"]["cache_pages_max"]
+    assert top % 16 == 0 and p["paged"]["full_rows_max"] == top // row
+    limit = plan_lib.FIT_FRACTION * p["hbm_bytes"]
+    at = lambda pages: plan_lib.plan_config(  # noqa: E731
+        load_config("qwen2_5_math_7b_dr_grpo", over + [f"sampling.cache_pages={pages}"]),
+        "v4-64")["per_device_bytes"]["sample_phase"]
+    assert at(top) <= limit < at(top + 16)
+    assert "paged cache: 4,096 pages of 64 tokens" in plan_lib.format_plan(p)
+
+
 def test_plan_reads_the_shape_at_model_path(tmp_path):
     """An HF config.json or our checkpoint's marker at model.path is planned, not the preset; a
     path that does not exist falls back to the preset, saying so."""

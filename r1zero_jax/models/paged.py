@@ -3,9 +3,13 @@
 Shapes: S decode slots, P pages (the pool), Z tokens per page, W pages per slot at most, K kv
 heads, G = N // K query heads per kv head, H head dim.
 
-- Pages: k and v, one [P, K, Z, H] per layer. The pool is sharded over the batch shards like
-  the slots, and a slot's pages lie in its own shard's part: `table` holds page numbers local
-  to the shard, so writes and reads never leave the device (kv heads split over tensor).
+- Pages: k and v, one [P, Z, K*H] per layer: token-major pages, as the TPU kernel keeps them,
+  with a token's heads merged so that no op can ask for another physical layout of the pool
+  (with [P, K, Z, H] or [P, Z, K, H], XLA:TPU laid the pool out one way for the writes and
+  another for the reads, and copied the whole pool between them on every step). The pool is
+  sharded over the batch shards like the slots, and a slot's pages lie in its own shard's
+  part: `table` holds page numbers local to the shard, so writes and reads never leave the
+  device (kv heads split over tensor).
 - A slot's tokens are compact: its prompt's real tokens, then its generated ones; token t lies
   at page table[t // Z], offset t % Z. Keys are stored after RoPE, so the layout carries no
   positions, and a decode step's causal mask is "the slot's first `length` tokens".
@@ -34,18 +38,18 @@ _NEG_INF = -1e30
 
 @flax.struct.dataclass
 class PagedKVCache:
-    k: tuple[jax.Array, ...]  # [P, K, Z, H] per layer
-    v: tuple[jax.Array, ...]  # [P, K, Z, H] per layer
+    k: tuple[jax.Array, ...]  # [P, Z, K*H] per layer
+    v: tuple[jax.Array, ...]  # [P, Z, K*H] per layer
     table: jax.Array  # int32 [S, W]: the slot's pages, local to its batch shard
     length: jax.Array  # int32 [S]: tokens in the slot's cache before this pass
     write: jax.Array  # bool [S]: slots that write their fed token (at `length`) and attend
 
-    PAGE_AXES = ("batch", "kv_heads", None, "head_dim")  # the pool follows the slots' shards
+    PAGE_AXES = ("batch", None, "kv_heads")  # the pool follows the slots' shards; K*H over tensor
 
     @classmethod
     def init(cls, config, *, slots: int, pages: int, page_size: int, pages_per_slot: int,
              dtype=jnp.float32) -> PagedKVCache:
-        shape = (pages, config.num_kv_heads, page_size, config.head_dim)
+        shape = (pages, page_size, config.num_kv_heads * config.head_dim)
         layers = range(config.num_layers)
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    v=tuple(jnp.zeros(shape, dtype) for _ in layers),
@@ -54,7 +58,7 @@ class PagedKVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[1]
 
     def shardings(self, mesh: Mesh) -> PagedKVCache:
         page = shd.logical_sharding(mesh, self.PAGE_AXES)
@@ -67,16 +71,21 @@ class PagedKVCache:
 def _attend_local(q, k_new, v_new, k_pages, v_pages, table, length, write):
     """One device's slots and pages; see `attend`."""
     s, w = table.shape
-    p, _, z, h = k_pages.shape
+    p, z, _ = k_pages.shape
+    k, h = q.shape[1], q.shape[-1]
     at = jnp.where(write, jnp.take_along_axis(table, (length // z)[:, None], axis=1)[:, 0], p)
-    k_pages = k_pages.at[at, :, length % z].set(k_new.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[at, :, length % z].set(v_new.astype(v_pages.dtype), mode="drop")
+    put = lambda pages, new: pages.at[at, length % z].set(  # noqa: E731
+        new.reshape(s, k * h).astype(pages.dtype), mode="drop")
+    k_pages, v_pages = put(k_pages, k_new), put(v_pages, v_new)
 
     n = jnp.where(write, length + 1, 0)  # tokens each slot attends to
     ends = jnp.cumsum(-(-n // z))  # filled pages up to each slot
     total = ends[-1]
     dt = q.dtype
     scale = 1.0 / math.sqrt(h)
+
+    def read(pages, page):  # [S] page numbers -> [S, Z, K, H]
+        return pages[page].reshape(s, z, k, h).astype(dt)
 
     def block(i, carry):
         m_run, l_run, acc = carry
@@ -85,13 +94,13 @@ def _attend_local(q, k_new, v_new, k_pages, v_pages, table, length, write):
         slot = jnp.minimum(jnp.searchsorted(ends, pair, side="right"), s - 1)
         ordinal = pair - (ends[slot] - (-(-n[slot] // z)))
         page = table[slot, jnp.clip(ordinal, 0, w - 1)]
-        scores = jnp.einsum("SKGH,SKZH->SKGZ", q[slot], k_pages[page].astype(dt),
+        scores = jnp.einsum("SKGH,SZKH->SKGZ", q[slot], read(k_pages, page),
                             preferred_element_type=jnp.float32) * scale
         ok = live[:, None] & (ordinal[:, None] * z + jnp.arange(z) < n[slot][:, None])  # [S, Z]
         scores = jnp.where(ok[:, None, None], scores, _NEG_INF)
         m = jnp.max(scores, axis=-1)
         probs = jnp.where(ok[:, None, None], jnp.exp(scores - m[..., None]), 0.0)
-        out = jnp.einsum("SKGZ,SKZH->SKGH", probs.astype(dt), v_pages[page].astype(dt),
+        out = jnp.einsum("SKGZ,SZKH->SKGH", probs.astype(dt), read(v_pages, page),
                          preferred_element_type=jnp.float32)
         seg = jnp.where(live, slot, s)  # a dead pair's segment is dropped
         m_new = jnp.maximum(m_run, jax.ops.segment_max(m, seg, num_segments=s))

@@ -85,12 +85,17 @@ def _slot(x, mesh):
     return _constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))
 
 
+def _mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry."""
+    return entry if isinstance(entry, tuple) else (entry,) if entry else ()
+
+
 def _put_row(x, update, axes, *, slot, mesh: Mesh):
     """x [S, ...] laid out by logical `axes` (slots over the batch shards); update [1, ...] no
     larger than a row, written at the start of row `slot`, by the shard that holds that row
     alone (a scatter at a dynamic row of a sharded array makes XLA gather the whole array)."""
     spec = shd.logical_sharding(mesh, axes).spec
-    batch = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+    batch = _mesh_axes(spec[0])
     update = jax.lax.with_sharding_constraint(
         update, NamedSharding(mesh, P(None, *spec[1:])))
 
@@ -151,8 +156,11 @@ def _grow(free, table, held, need, age):
 
 
 def _put_pages(pool, update, table, *, slot, count, mesh: Mesh):
-    """pool [P, K, Z, H] over the batch shards; update [Wp, K, Z, H]: the first `count` pages
+    """pool [P, Z, K*H] over the batch shards; update [Wp, Z, K*H]: the first `count` pages
     are written at slot `slot`'s first table entries, by the shard that holds the slot."""
+    spec = shd.logical_to_spec(PagedKVCache.PAGE_AXES)
+    batch = () if mesh.devices.size == 1 else _mesh_axes(spec[0])
+
     def local(pool, u, table, slot, count):
         rows = table.shape[0]
         first = jax.lax.axis_index(batch) * rows if batch else 0
@@ -162,11 +170,8 @@ def _put_pages(pool, update, table, *, slot, count, mesh: Mesh):
         return pool.at[jnp.where(mine, table[at, j], pool.shape[0])].set(
             u.astype(pool.dtype), mode="drop")
 
-    if mesh.devices.size == 1:
-        batch = ()
+    if not batch:
         return local(pool, update, table, slot, count)
-    spec = shd.logical_to_spec(PagedKVCache.PAGE_AXES)
-    batch = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
     whole = P(None, *spec[1:])
     update = jax.lax.with_sharding_constraint(update, NamedSharding(mesh, whole))
     return jax.shard_map(local, mesh=mesh,
@@ -175,12 +180,12 @@ def _put_pages(pool, update, table, *, slot, count, mesh: Mesh):
 
 
 def _prompt_pages(x, length, page_size: int):
-    """x [Tp, K, H]: a left-padded prompt's keys or values -> [ceil(Tp / Z), K, Z, H] pages
+    """x [Tp, K, H]: a left-padded prompt's keys or values -> [ceil(Tp / Z), Z, K*H] pages
     holding its `length` real tokens from the first."""
     tp, k, h = x.shape
     wp = -(-tp // page_size)
     x = jnp.pad(jnp.roll(x, length - tp, axis=0), ((0, wp * page_size - tp), (0, 0), (0, 0)))
-    return x.reshape(wp, page_size, k, h).transpose(0, 2, 1, 3)
+    return x.reshape(wp, page_size, k * h)
 
 
 def _admissible(s: _Slots, free, plan: Plan):
