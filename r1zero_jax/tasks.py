@@ -113,8 +113,10 @@ def score(task: Task, pool: GraderPool, responses: Sequence[str], answers: Seque
     results = task.grade(pool, responses[lo:hi], answers[lo:hi]) if hi > lo else []
     mine = {"reward": [r.reward for r in results], "timed_out": [r.timed_out for r in results],
             "extracted": [r.extracted for r in results], "deaths": pool.worker_deaths - deaths}
-    # every process gathers or none does: the slices are all alike
-    parts = [allgather_json(mine)[p] for p in peers] if len(peers) > 1 else [mine]
+    parts = [mine]
+    if len(peers) > 1:  # every process gathers or none does: the slices are all alike
+        everyone = allgather_json(mine)
+        parts = [everyone[p] for p in peers]
     cat = lambda k: [x for p in parts for x in p[k]]  # noqa: E731
     return Scores(rewards=np.asarray(cat("reward"), np.float32),
                   timed_out=np.asarray(cat("timed_out"), bool), extracted=cat("extracted"),

@@ -106,9 +106,9 @@ def _shared_token_counts(encode, prompts: list[str]) -> list[int]:
     """Every prompt's token count, each process encoding a contiguous share (gathered)."""
     count, rank = jax.process_count(), jax.process_index()
     share = -(-len(prompts) // count)
-    part = prompts[rank * share:(rank + 1) * share]
-    mine = [len(t) for t in encode(part)] if part else []
-    return [n for part in shd.allgather_json(mine) for n in part]
+    own = prompts[rank * share:(rank + 1) * share]
+    mine = [len(t) for t in encode(own)] if own else []
+    return [n for counts in shd.allgather_json(mine) for n in counts]
 
 
 @dataclasses.dataclass
