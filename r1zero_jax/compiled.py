@@ -292,6 +292,8 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
         rows = lambda dt: jax.ShapeDtypeStruct(  # noqa: E731
             (-(-prompts // shards) * shards, sampler.prompt_width(tp)), dt,
             sharding=shd.logical_sharding(mesh, ("batch", None)))
+        prompt_ids = jax.ShapeDtypeStruct((-(-prompts // shards) * shards,), jnp.int32,
+                                          sharding=shd.logical_sharding(mesh, ("batch",)))
         # Without the tokenizer a stop string naming a special token (qwen_math's <|im_end|>)
         # is compiled as a table; the run makes it a stop id: one [V, len+1] int32 table more.
         stop_strings = STOP_STRINGS[cfg.data.template]
@@ -322,12 +324,12 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
                 pages = -(-(s.cache_pages or slots * width) // shards) * shards
                 paging = dict(page_size=s.page_size, pages=pages)
             start = lambda: continuous.start.lower(  # noqa: E731
-                abs_state, rows(jnp.int32), rows(bool), key, int_scalar, slots=slots, **static,
-                **paging)
+                abs_state, rows(jnp.int32), rows(bool), key, int_scalar, prompt_ids, slots=slots,
+                **static, **paging)
             loop_fn = continuous.run
         else:
             start = lambda: sampler.prefill.lower(  # noqa: E731
-                abs_state, rows(jnp.int32), rows(bool), key, int_scalar, scalar, scalar, tables,
+                abs_state, rows(jnp.int32), rows(bool), key, prompt_ids, scalar, scalar, tables,
                 finals, **static)
             loop_fn = sampler.decode
         lowered, compiled = run("prefill", start, resident_bytes=resident)

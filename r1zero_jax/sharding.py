@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import io
 import math
 from typing import Any
 from collections.abc import Iterable
@@ -181,20 +183,135 @@ def to_host(tree):
     return jax.tree.map(one, tree)
 
 
+# ---------------------------------------------------------------------------------------------
+# Data slices: each process feeds and reads back only the rows its devices hold
+
+
+@functools.lru_cache(maxsize=16)
+def batch_slices(mesh: Mesh) -> tuple[int, ...]:
+    """The data slice of each process (indexed by process). A batch sharded over `batch` splits
+    into equal blocks of consecutive rows, slice i the i-th; a process holds the block its devices
+    hold, and processes whose devices hold the same rows share a slice (`slices_of`)."""
+    shards = axis_size(mesh, "batch")
+    held: dict[int, set[int]] = {}
+    for device, index in logical_sharding(mesh, ("batch",)).devices_indices_map(
+            (shards,)).items():
+        held.setdefault(device.process_index, set()).add(index[0].start or 0)
+    return slices_of(held, shards, jax.process_count())
+
+
+def slices_of(held: dict[int, set[int]], shards: int, processes: int) -> tuple[int, ...]:
+    """Each process's slice from the batch shards its devices hold (`held`, by process): the
+    rank of its block of shards. All zeros (one slice: every process the whole batch) when the
+    blocks are not contiguous, equal and disjoint, or a process holds none."""
+    blocks = sorted({(min(h), max(h) + 1) for h in held.values()})
+    size = blocks[0][1] - blocks[0][0]
+    regular = (sorted(held) == list(range(processes))
+               and all(len(h) == max(h) + 1 - min(h) for h in held.values())
+               and blocks == [(i * size, (i + 1) * size) for i in range(shards // size)])
+    if not regular:
+        return (0,) * processes
+    return tuple(blocks.index((min(held[p]), max(held[p]) + 1)) for p in range(processes))
+
+
+def data_slice(mesh: Mesh) -> tuple[int, int]:
+    """(this process's slice, number of slices); see `batch_slices`."""
+    slices = batch_slices(mesh)
+    return slices[jax.process_index()], max(slices) + 1
+
+
+def slice_peers(mesh: Mesh) -> list[int]:
+    """The processes holding this process's slice (itself included), in order."""
+    slices = batch_slices(mesh)
+    return [p for p, s in enumerate(slices) if s == slices[jax.process_index()]]
+
+
+def from_local_batch(mesh: Mesh, x, logical_axes: tuple[str | None, ...] | None = None):
+    """The global array [count * B, ...] whose slice `data_slice(mesh)` is this process's
+    host rows x [B, ...] (B over the batch shards, the rest as `logical_axes` say). With one
+    slice x is the whole batch (`shard_batch`)."""
+    index, count = data_slice(mesh)
+    if count == 1:
+        return shard_batch(mesh, x, logical_axes)
+    x = np.asarray(x)
+    axes = logical_axes or ("batch",) + (None,) * (x.ndim - 1)
+    return jax.make_array_from_process_local_data(logical_sharding(mesh, axes), x,
+                                                  (count * x.shape[0], *x.shape[1:]))
+
+
+def local_rows(mesh: Mesh, x) -> np.ndarray:
+    """This process's slice of the rows (dim 0) of a global array, read from its own devices;
+    with one slice the whole array (`to_host`)."""
+    index, count = data_slice(mesh)
+    if count == 1:
+        return to_host(x)
+    if x.shape[0] % count:
+        raise ValueError(f"{x.shape[0]} rows do not split into {count} data slices")
+    n = x.shape[0] // count
+    lo = index * n
+    out = np.zeros((n, *x.shape[1:]), x.dtype)
+    covered = np.zeros(out.shape, bool)
+    for shard in x.addressable_shards:
+        r0, r1, _ = shard.index[0].indices(x.shape[0])
+        a, b = max(r0, lo), min(r1, lo + n)
+        if a < b:
+            at = (slice(a - lo, b - lo), *shard.index[1:])
+            out[at] = np.asarray(shard.data)[a - r0:b - r0]
+            covered[at] = True
+    if not covered.all():
+        raise ValueError(f"process {jax.process_index()}'s devices do not hold all rows of its "
+                         f"data slice {index} (rows [{lo}, {lo + n}) of {x.shape}, sharding "
+                         f"{x.sharding})")
+    return out
+
+
+def gather_slices(mesh: Mesh, tree):
+    """Host arrays of this process's slice -> every slice's, concatenated along dim 0 in slice
+    order, on every process (leading dims may differ between slices). Identity with one slice."""
+    slices = batch_slices(mesh)
+    if max(slices) == 0:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    buf = io.BytesIO()
+    np.savez(buf, *[np.asarray(x) for x in leaves])
+    parts = _allgather_bytes(buf.getvalue())
+    first = [slices.index(i) for i in range(max(slices) + 1)]  # one process per slice
+    loaded = [np.load(io.BytesIO(parts[p])) for p in first]
+    return jax.tree.unflatten(treedef, [np.concatenate([z[f"arr_{i}"] for z in loaded])
+                                        for i in range(len(leaves))])
+
+
+def _allgather_bytes(data: bytes) -> list[bytes]:
+    """Every process's `data`, in process order, on every process. Buffers are padded to a power
+    of two: a new length means a new compile of the gather."""
+    from jax.experimental import multihost_utils
+
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    buf = np.zeros(1 << max(int(sizes.max()) - 1, 0).bit_length(), np.uint8)
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    parts = np.asarray(multihost_utils.process_allgather(buf))
+    return [parts[i, :sizes[i]].tobytes() for i in range(len(sizes))]
+
+
 def allgather_json(obj) -> list:
     """Every process's `obj` (JSON-able), in process order, on every process."""
     if jax.process_count() == 1:
         return [obj]
     import json
 
-    from jax.experimental import multihost_utils
+    return [json.loads(part) for part in _allgather_bytes(json.dumps(obj).encode())]
 
-    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
-    buf = np.zeros(int(sizes.max()), np.uint8)
-    buf[:data.size] = data
-    parts = np.asarray(multihost_utils.process_allgather(buf))
-    return [json.loads(parts[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def take_rows(tree, idx, *, mesh: Mesh):
+    """Rows `idx` (int32 [..., M], replicated) of each global array [R, ...] of `tree`, as
+    [..., M, ...] with M over the batch shards: minibatches gathered on the devices from rows
+    that each process placed from its own slice."""
+    def one(x):
+        axes = (None,) * (idx.ndim - 1) + ("batch",) + (None,) * (x.ndim - 1)
+        return jax.lax.with_sharding_constraint(x[idx], logical_sharding(mesh, axes))
+
+    return jax.tree.map(one, tree)
 
 
 def from_host(tree, shardings):

@@ -96,20 +96,27 @@ class Scores:
         return self.rewards >= 1.0
 
 
-def score(task: Task, pool: GraderPool, responses: Sequence[str], answers: Sequence) -> Scores:
-    """The task's verdicts on `responses`. In a multi-process run every process passes the same
-    rows, grades its own contiguous share and the verdicts are gathered: the grading CPU time
-    spreads over the hosts instead of being spent on each."""
+def score(task: Task, pool: GraderPool, responses: Sequence[str], answers: Sequence, *,
+          peers: Sequence[int] | None = None) -> Scores:
+    """The task's verdicts on `responses`. In a multi-process run the processes holding these
+    same rows (`peers`, process indices; default every process) each grade a contiguous share and
+    the verdicts are gathered: the grading CPU time spreads over the hosts instead of being spent
+    on each. A process alone with its rows (a training data slice) grades them all itself."""
     from r1zero_jax.sharding import allgather_json
 
     count, rank = _processes()
-    share = -(-len(responses) // count)
-    lo, hi = min(rank * share, len(responses)), min((rank + 1) * share, len(responses))
+    peers = list(range(count)) if peers is None else list(peers)
+    share = -(-len(responses) // len(peers))
+    at = peers.index(rank)
+    lo, hi = min(at * share, len(responses)), min((at + 1) * share, len(responses))
     deaths = pool.worker_deaths
     results = task.grade(pool, responses[lo:hi], answers[lo:hi]) if hi > lo else []
     mine = {"reward": [r.reward for r in results], "timed_out": [r.timed_out for r in results],
             "extracted": [r.extracted for r in results], "deaths": pool.worker_deaths - deaths}
-    parts = allgather_json(mine) if count > 1 else [mine]
+    parts = [mine]
+    if len(peers) > 1:  # every process gathers or none does: the slices are all alike
+        everyone = allgather_json(mine)
+        parts = [everyone[p] for p in peers]
     cat = lambda k: [x for p in parts for x in p[k]]  # noqa: E731
     return Scores(rewards=np.asarray(cat("reward"), np.float32),
                   timed_out=np.asarray(cat("timed_out"), bool), extracted=cat("extracted"),

@@ -1,5 +1,6 @@
 """Prompt pipeline: tokens, length filter, per-epoch shuffle, process slices, exact resume."""
 
+import dataclasses
 import json
 import logging
 
@@ -155,3 +156,29 @@ def test_bad_state_and_config_are_clear_errors():
         PipelineConfig(process_index=2, process_count=2)
     with pytest.raises(ValueError, match="unknown template"):
         PipelineConfig(template="chatml")
+
+
+def test_a_process_tokenizes_only_its_own_prompts_given_the_lengths():
+    """With the length check done elsewhere (`count_tokens`, the trainer's split over the
+    processes), a process encodes only its slice of each batch; the lengths still drop prompts."""
+    encoded = []
+
+    class Recording(CharTokenizer):
+        def encode(self, text):
+            encoded.append(text)
+            return super().encode(text)
+
+    data = rows(12)
+    counts = lambda encode, prompts: [len(p) for p in prompts]  # noqa: E731
+    config = PipelineConfig(template="no", batch_size=2, max_prompt_tokens=9, process_index=1,
+                            process_count=2)
+    pipe = PromptPipeline(data, Recording(), config, count_tokens=counts)
+    assert pipe.num_skipped == 2 and encoded == []  # "problem 10" and "problem 11"
+    batches = take(pipe, 3)
+    assert encoded == [p for b in batches for p in b["prompts"]] and len(encoded) == 6
+    for b in batches:
+        assert b["prompt_tokens"] == [[ord(c) for c in p] for p in b["prompts"]]
+    full = PromptPipeline(data, CharTokenizer(), dataclasses.replace(config, process_index=0,
+                                                                     process_count=1,
+                                                                     batch_size=4))
+    assert [b["indices"][2:] for b in take(full, 3)] == [b["indices"] for b in batches]

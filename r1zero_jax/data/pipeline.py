@@ -7,6 +7,10 @@ All processes see the same stream: epoch e is a permutation of the kept prompts 
 processes' slices are disjoint, together cover every epoch, and stay in lockstep (the same number
 of batches, whatever the dataset size). The position counts prompts, so one small state serves
 every process and survives a change of process count.
+
+A process tokenizes only its own prompts of each batch. Dropping over-long prompts needs every
+prompt's length, the same on every process: `count_tokens` may split that count over the
+processes (the trainer's gathers each process's share), else this process counts them all.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from r1zero_jax.rewards.templates import apply_template, check_template
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[list[str]], list[list[int]]]
+TokenCounter = Callable[[Encoder, list[str]], list[int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,31 +77,37 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int,
     return tokens, mask
 
 
+def _count_tokens(encode: Encoder, prompts: list[str]) -> list[int]:
+    return [len(t) for t in encode(prompts)]
+
+
 class PromptPipeline:
     """Endless iterator of this process's batches: dicts with `prompt_tokens` (list of B token
     lists), `prompts`, `problems`, `answers` (as given) and `indices` (positions in `rows`)."""
 
     def __init__(self, rows: Sequence[dict], tokenizer: Any, config: PipelineConfig,
-                 prompt: Callable[[dict], str] | None = None):
+                 prompt: Callable[[dict], str] | None = None,
+                 count_tokens: TokenCounter | None = None):
         """`prompt`: a row's prompt text (a task's); by default `config.template` applied to the
-        row's problem."""
+        row's problem. `count_tokens(encode, prompts)`: every prompt's token count, the same on
+        every process; by default encoded here."""
         self.config = config
         prompt = prompt or (lambda r: apply_template(config.template, r["problem"]))
         prompts = [prompt(r) for r in rows]
-        tokens = make_encoder(tokenizer)(prompts)
-        keep = [i for i, t in enumerate(tokens) if len(t) <= config.max_prompt_tokens]
+        self._encode = make_encoder(tokenizer)
+        lengths = (count_tokens or _count_tokens)(self._encode, prompts)
+        keep = [i for i, n in enumerate(lengths) if n <= config.max_prompt_tokens]
         self.num_skipped = len(rows) - len(keep)
         if self.num_skipped:
             log.warning(
                 "skipped %d of %d prompts longer than %d tokens (longest %d)",
-                self.num_skipped, len(rows), config.max_prompt_tokens, max(map(len, tokens)),
+                self.num_skipped, len(rows), config.max_prompt_tokens, max(lengths),
             )
         if not keep:
             raise ValueError(f"no prompt fits max_prompt_tokens={config.max_prompt_tokens} "
                              f"({len(rows)} rows)")
         self._rows = [rows[i] for i in keep]
         self._prompts = [prompts[i] for i in keep]
-        self._tokens = [tokens[i] for i in keep]
         self._indices = keep
         self._epoch, self._position = 0, 0
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
@@ -131,7 +142,7 @@ class PromptPipeline:
         b, p = self.config.batch_size, self.config.process_index
         mine = self._advance(b * self.config.process_count)[p * b:(p + 1) * b]
         return {
-            "prompt_tokens": [self._tokens[i] for i in mine],
+            "prompt_tokens": self._encode([self._prompts[i] for i in mine]),
             "prompts": [self._prompts[i] for i in mine],
             "problems": [self._rows[i]["problem"] for i in mine],
             "answers": [self._rows[i]["answer"] for i in mine],

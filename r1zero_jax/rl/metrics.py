@@ -15,28 +15,34 @@ from r1zero_jax.progress import Progress, fmt_duration
 from r1zero_jax.analysis import has_self_reflection
 
 
-def rollout_metrics(rollout, scores, rewards: np.ndarray, group_size: int) -> dict:
+def rollout_metrics(rollout, scores, rewards: np.ndarray, group_size: int, *,
+                    gather=lambda rows: rows) -> dict:
     """Reward (`rewards`, what the learner sees), accuracy (solved by the task's scores), lengths
     of correct vs incorrect responses, truncation, reflection share, grading timeouts and lost
     grader workers, the share of groups without learning signal, and the sampler's report
-    (decode steps, generated tokens, slot utilization)."""
-    lengths = rollout.lengths.astype(np.float64)
-    good, bad = scores.correct, ~scores.correct
+    (decode steps, generated tokens, slot utilization). `gather` turns this process's per-row
+    figures into the whole rollout's (`sharding.gather_slices` when each process holds a slice)."""
+    rows = gather({
+        "length": rollout.lengths.astype(np.float64), "correct": scores.correct,
+        "truncated": rollout.truncated, "reward": rewards, "timed_out": scores.timed_out,
+        "reflection": np.array([has_self_reflection(t) for t in rollout.texts], bool),
+        "worker_deaths": np.array([scores.worker_deaths])})
+    lengths, good = rows["length"], rows["correct"]
 
     def mean(x):
         return float(x.mean()) if x.size else float("nan")
 
     return {
-        "reward_mean": float(rewards.mean()),
+        "reward_mean": float(rows["reward"].mean()),
         "accuracy": float(good.mean()),
         "response_length": mean(lengths),
         "response_length_correct": mean(lengths[good]),
-        "response_length_incorrect": mean(lengths[bad]),
-        "truncation_rate": float(rollout.truncated.mean()),
-        "reflection_rate": float(np.mean([has_self_reflection(t) for t in rollout.texts])),
-        "grader_timeouts": int(scores.timed_out.sum()),
-        "grader_worker_deaths": scores.worker_deaths,
-        **group_stats(rewards, group_size),
+        "response_length_incorrect": mean(lengths[~good]),
+        "truncation_rate": float(rows["truncated"].mean()),
+        "reflection_rate": float(np.mean(rows["reflection"])),
+        "grader_timeouts": int(rows["timed_out"].sum()),
+        "grader_worker_deaths": int(rows["worker_deaths"].sum()),
+        **group_stats(rows["reward"], group_size),
         # the sampler's tokens/s is left to the trainer's gen_tokens_per_s (wall-clock figures
         # keep that prefix or a time_ one)
         **{f"rollout_{k}": v for k, v in rollout.report.items() if k != "tokens_per_s"},

@@ -11,6 +11,7 @@ its period: stop checks, metrics, held-out eval (`eval.evaluate`), checkpoint, p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import signal
 import sys
@@ -69,21 +70,6 @@ def build_model(cfg: RunConfig, mesh, tokenizer=None):
 # One step's pieces
 
 
-def learner_minibatches(rollout: Rollout, old_logp: np.ndarray, advantages: np.ndarray,
-                        loss_mask: np.ndarray, ref_logp: np.ndarray | None, *, minibatch: int,
-                        microbatch: int, order: np.ndarray):
-    """Host LearnBatches [A, M, ...] over the rollout in `order`."""
-    tokens, input_mask = rollout.learner_inputs()
-    a = minibatch // microbatch
-    for start in range(0, len(order), minibatch):
-        idx = order[start:start + minibatch]
-        shape = lambda x, idx=idx: x[idx].reshape(a, microbatch, *x.shape[1:])  # noqa: E731
-        yield LearnBatch(tokens=shape(tokens), input_mask=shape(input_mask),
-                         loss_mask=shape(loss_mask), old_logp=shape(old_logp),
-                         advantages=shape(advantages),
-                         ref_logp=None if ref_logp is None else shape(ref_logp))
-
-
 def training_rewards(rollout: Rollout, scores: tasks.Scores) -> np.ndarray:
     """float32 [R]: the task's rewards, with 0 for a response cut at max_new_tokens. A cut
     response has no final answer of its own making (a number it was still writing can match by
@@ -102,6 +88,27 @@ def _check_finite(m: dict, ckpt) -> None:
                          + f" is not finite; stopped without checkpointing it (the last checkpoint "
                          f"in {ckpt.directory} is intact). Lower optim.learning_rate or set "
                          "optim.clip_norm, then rerun the same command to resume")
+
+
+def _check_slices(cfg: RunConfig, slices: int) -> None:
+    """Refuses a rollout that does not split evenly over the processes' data slices (before
+    any model work): every process samples the same number of prompts per call."""
+    for key, n in (("rollout prompts (rl.rollout_batch_size / rl.group_size)",
+                    cfg.prompts_per_rollout),
+                   ("sampling.prompts_per_call", cfg.sampling.prompts_per_call)):
+        if n % slices:
+            raise ValueError(f"{key}={n} is not divisible by the {slices} data slices of this "
+                             f"run (one per process whose devices hold their own rows of mesh "
+                             f"{cfg.mesh.spec!r}); each process samples an equal share")
+
+
+def _shared_token_counts(encode, prompts: list[str]) -> list[int]:
+    """Every prompt's token count, each process encoding a contiguous share (gathered)."""
+    count, rank = jax.process_count(), jax.process_index()
+    share = -(-len(prompts) // count)
+    own = prompts[rank * share:(rank + 1) * share]
+    mine = [len(t) for t in encode(own)] if own else []
+    return [n for counts in shd.allgather_json(mine) for n in counts]
 
 
 @dataclasses.dataclass
@@ -141,6 +148,9 @@ class Trainer:
                  stop_signals=(signal.SIGTERM,)):
         self.mesh = mesh or shd.make_mesh(cfg.mesh.spec)
         self.cfg = validate(cfg, num_devices=self.mesh.devices.size)
+        # Each process reads, samples and learns from its data slice of every rollout only.
+        self.slice, self.slices = shd.data_slice(self.mesh)
+        _check_slices(self.cfg, self.slices)
         self.is_writer = jax.process_index() == 0
         self.workdir = workdir
         self.print = printer if self.is_writer else (lambda *a, **k: None)
@@ -227,8 +237,9 @@ class Trainer:
                     m, run.state = self._learn(run.state, run.ref_params, rollout, rewards,
                                                step, logprobs_fn, step_fn)
                     guard.progressed()  # a stop signal now checkpoints before exiting
-                    m = {"step": step + 1, **rollout_metrics(rollout, scores, rewards,
-                                                             self.cfg.rl.group_size), **m}
+                    m = {"step": step + 1, **rollout_metrics(
+                        rollout, scores, rewards, self.cfg.rl.group_size,
+                        gather=functools.partial(shd.gather_slices, self.mesh)), **m}
                     for hook in hooks:
                         if (step + 1) % hook.every == 0:
                             hook.fn(step + 1, m)
@@ -287,8 +298,9 @@ class Trainer:
         pipeline = PromptPipeline(
             self.train_rows, self.tokenizer,
             PipelineConfig(template=c.data.template, max_prompt_tokens=c.data.max_prompt_tokens,
-                           batch_size=c.prompts_per_rollout, seed=c.data.seed),
-            prompt=self.task.prompt)
+                           batch_size=c.prompts_per_rollout // self.slices, seed=c.data.seed,
+                           process_index=self.slice, process_count=self.slices),
+            prompt=self.task.prompt, count_tokens=_shared_token_counts)
         ckpt = self._checkpointer()
         latest = ckpt.latest_step()
         if self.is_writer:  # the run's checkpoints are model paths too (load_model, to-hf)
@@ -415,14 +427,16 @@ class Trainer:
         return r
 
     def _logprobs(self, fn, params, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        mb = self.cfg.microbatch
-        out = [shd.to_host(fn(params, shd.shard_batch(self.mesh, tokens[s:s + mb]),
-                           shd.shard_batch(self.mesh, mask[s:s + mb])))
-               for s in range(0, len(tokens), mb)]
-        return np.concatenate(out)
+        """Log-probs [R, Tn] of this process's rows, a microbatch of every slice at a time."""
+        mb = self.cfg.microbatch // self.slices
+        put = functools.partial(shd.from_local_batch, self.mesh)
+        return np.concatenate([
+            shd.local_rows(self.mesh, fn(params, put(tokens[s:s + mb]), put(mask[s:s + mb])))
+            for s in range(0, len(tokens), mb)])
 
     def _rollout(self, state: TrainState, step: int, pipeline, pool):
-        """G samples of each of the step's prompts, their scores and training rewards."""
+        """G samples of each of this process's prompts of the step (its data slice), their
+        scores and training rewards."""
         c = self.cfg
         t0 = time.perf_counter()
         batch = next(pipeline)
@@ -432,10 +446,12 @@ class Trainer:
                            seed=jax.random.fold_in(jax.random.PRNGKey(c.train.seed), step),
                            prompts_per_call=c.sampling.prompts_per_call,
                            decode_slots=c.sampling.decode_slots,
-                           page_size=c.sampling.page_size, cache_pages=c.sampling.cache_pages)
+                           page_size=c.sampling.page_size, cache_pages=c.sampling.cache_pages,
+                           local=True)
         t1 = time.perf_counter()
         answers = [a for a in batch["answers"] for _ in range(c.rl.group_size)]
-        scores = tasks.score(self.task, pool, rollout.texts, answers)
+        scores = tasks.score(self.task, pool, rollout.texts, answers,
+                             peers=shd.slice_peers(self.mesh))
         rollout.timings.update(sample_s=t1 - t0, grade_s=time.perf_counter() - t1)
         return rollout, scores, training_rewards(rollout, scores)
 
@@ -451,16 +467,21 @@ class Trainer:
         old_logp = self._logprobs(logprobs_fn, state.params, tokens, input_mask)
         ref_logp = (self._logprobs(logprobs_fn, ref_params, tokens, input_mask)
                     if c.rl.kl_beta > 0 else None)
-        gap = np.abs(old_logp - rollout.logprobs)[rollout.mask]
+        gap = shd.gather_slices(self.mesh, np.abs(old_logp - rollout.logprobs)[rollout.mask])
+        # The whole rollout on the mesh, each process placing its own rows; the minibatches of
+        # a permutation of all rows are gathered on the devices.
+        rows = jax.tree.map(functools.partial(shd.from_local_batch, self.mesh), LearnBatch(
+            tokens=tokens, input_mask=input_mask, loss_mask=loss_mask, old_logp=old_logp,
+            advantages=advantages, ref_logp=ref_logp))
+        total, mb = rows.tokens.shape[0], c.train.minibatch_size
         rng = np.random.default_rng([c.train.seed, step])
-        put = lambda x: shd.shard_batch(self.mesh, x, (None, "batch") + (None,) * (x.ndim - 2))  # noqa: E731
         step_metrics = []
         for _ in range(c.rl.epochs_per_rollout):
-            order = rng.permutation(rollout.size)
-            for hb in learner_minibatches(rollout, old_logp, advantages, loss_mask, ref_logp,
-                                          minibatch=c.train.minibatch_size,
-                                          microbatch=c.microbatch, order=order):
-                state, m = step_fn(state, jax.tree.map(put, hb))
+            order = rng.permutation(total).astype(np.int32)
+            for start in range(0, total, mb):
+                idx = jax.device_put(order[start:start + mb].reshape(-1, c.microbatch),
+                                     shd.replicated(self.mesh))
+                state, m = step_fn(state, shd.take_rows(rows, idx, mesh=self.mesh))
                 step_metrics.append(m)
         state = state.replace(step=state.step + 1)
         learned = {k: float(np.mean([float(m[k]) for m in step_metrics])) for k in step_metrics[0]}
@@ -471,7 +492,8 @@ class Trainer:
             "optimizer_steps": len(step_metrics),
             "logprob_gap_mean": float(gap.mean()) if gap.size else 0.0,
             "logprob_gap_max": float(gap.max()) if gap.size else 0.0,
-            "gen_tokens_per_s": float(rollout.mask.sum() / max(t["sample_s"], 1e-9)),
+            "gen_tokens_per_s": float(rollout.report["generated_tokens"] / max(t["sample_s"],
+                                                                                1e-9)),
             "time_sample_s": t["sample_s"], "time_grade_s": t["grade_s"], "time_learn_s": learn_s,
             "time_step_s": t["sample_s"] + t["grade_s"] + learn_s,
         }, state

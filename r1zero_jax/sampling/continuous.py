@@ -61,6 +61,8 @@ class _Slots:
     prompt_cache: KVCache  # [Bp, ..., Tp]
     prompt_h: jax.Array  # [Bp, D]: final-normed h of each prompt's last token
     prompt_len: jax.Array  # int32 [Bp]
+    # int32 [Bp]: each prompt's index in the rollout (random streams); None: the row index is
+    prompt_ids: jax.Array | None
     num_rows: jax.Array  # int32 []: R
     row: jax.Array  # int32 [S]: the slot's row; Rp (past the buffers) when idle
     step: jax.Array  # int32 [S]: tokens its row has so far (the next token's index)
@@ -269,7 +271,7 @@ def pages_per_slot(prompt_width: int, max_new_tokens: int, page_size: int) -> in
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "slots", "page_size", "pages"))
-def start(state, tokens, mask, key, num_rows, *, graphdef, plan: Plan, slots: int,
+def start(state, tokens, mask, key, num_rows, prompt_ids, *, graphdef, plan: Plan, slots: int,
           page_size: int = 0, pages: int = 0) -> _Slots:
     """Prefill the prompts [Bp, Tp]; fill the `slots` decode slots with rows 0, 1, ...; a
     dense cache of Tp + M per slot, or (page_size > 0) a pool of `pages` pages."""
@@ -292,7 +294,8 @@ def start(state, tokens, mask, key, num_rows, *, graphdef, plan: Plan, slots: in
         paged = {}
     s = _Slots(
         cache=cache, prompt_cache=prompt_cache, prompt_h=_slot(h, mesh),
-        prompt_len=_slot(jnp.sum(mask, axis=-1, dtype=jnp.int32), mesh), num_rows=num_rows,
+        prompt_len=_slot(jnp.sum(mask, axis=-1, dtype=jnp.int32), mesh),
+        prompt_ids=None if prompt_ids is None else _slot(prompt_ids, mesh), num_rows=num_rows,
         row=zeros((slots,), jnp.int32), step=zeros((slots,), jnp.int32),
         last=zeros((slots,), jnp.int32), fresh=zeros((slots,), bool),
         stop_state=zeros((slots, plan.num_stop_strings), jnp.int32),
@@ -340,7 +343,8 @@ def run(state, s: _Slots, temperature, top_p, tables, finals, *, graphdef, plan:
             h, cache = model.hidden_states(s.last[:, None], pos[:, None], one, cache)
             h = jnp.where(s.fresh[:, None], s.prompt_h[prompt], h[:, 0])
             logits = _constrain(model.logits(h[:, None])[:, 0], mesh, vocab_parallel.LOGIT_AXES)
-        token, logp = _choose(logits, s.key, s.step, s.row, temperature, top_p, plan)
+        stream = s.row if s.prompt_ids is None else s.prompt_ids[prompt] * plan.n + s.row % plan.n
+        token, logp = _choose(logits, s.key, s.step, stream, temperature, top_p, plan)
         hit, stop_state = _stop_hit(token, s.stop_state, tables, finals, plan)
         done = active & (hit | (s.step + 1 >= m))
         at = jnp.where(active, s.row, idle)  # idle slots write nowhere (mode="drop")
@@ -366,17 +370,18 @@ def run(state, s: _Slots, temperature, top_p, tables, finals, *, graphdef, plan:
 
 def sample_continuous(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any,
                       mesh: Mesh, slots: int, tokenizer=None, page_size: int = 0,
-                      pages: int = 0) -> Rollout:
+                      pages: int = 0, local: bool = False) -> Rollout:
     """`sampler.sample` over the whole rollout with `slots` decode slots (rounded up to a
     multiple of the batch shards): the same Rollout, row for row. page_size > 0: a paged cache
     of `pages` pages (0: enough for every slot at full length, so no row is ever preempted;
-    rounded up to a multiple of the batch shards)."""
+    rounded up to a multiple of the batch shards). local: the prompts are this process's data
+    slice, and so are the returned rows (slots take rows of every slice)."""
     if slots < 1:
         raise ValueError(f"decode slots must be >= 1, got {slots}")
     if page_size < 0 or pages < 0:
         raise ValueError(f"page_size and pages must be >= 0, got {page_size} and {pages}")
     c = prepare(model, prompt_tokens, prompt_mask, params, seed=seed, mesh=mesh,
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, local=local)
     shards = shd.axis_size(mesh, "batch")
     slots = -(-slots // shards) * shards
     rows = c.prompts * params.n
@@ -393,9 +398,12 @@ def sample_continuous(model, prompt_tokens, prompt_mask, params: SamplingParams,
         paging = dict(page_size=page_size, pages=pages)
     static = dict(graphdef=c.graphdef, plan=c.plan)
     t0 = time.perf_counter()
+    # Local: each slice's padding prompts lie between the slices' rows; they are decoded too.
+    # One slice: a row's stream is its index, read without the ids.
     s = start(c.state, c.tokens, c.mask, c.key,
-              jax.device_put(np.int32(rows), shd.replicated(mesh)), slots=slots, **static,
-              **paging)
+              jax.device_put(np.int32(c.decode_rows), shd.replicated(mesh)),
+              c.prompt_ids if local and shd.data_slice(mesh)[1] > 1 else None,
+              slots=slots, **static, **paging)
     jax.block_until_ready(s)
     t1 = time.perf_counter()
     s = run(c.state, s, c.temperature, c.top_p, c.tables, c.finals, **static)

@@ -11,9 +11,14 @@ M = max_new_tokens, S = Tp + M cache slots, V vocab.
 - Batch rows are sharded over (data, fsdp) and the cache's kv heads over tensor; a prompt batch
   that does not divide the batch shards is padded with dummy rows, dropped on return.
 - Randomness: token i of rollout row r is drawn by inverse CDF (categorical.py) from one
-  uniform number under key fold_in(fold_in(key(seed), i), r), r counted from `row_offset`, so a
-  row's sample does not depend on the batch size, the padding, the mesh, how the rollout is split
-  into calls, or (continuous.py) the decode slot and step it runs in.
+  uniform number under key fold_in(fold_in(key(seed), i), r), r = p*n + j for sample j of the
+  prompt whose rollout index is p (`prompt_ids`), so a row's sample does not depend on the batch
+  size, the padding, the mesh, how the rollout is split into calls or over processes, or
+  (continuous.py) the decode slot and step it runs in.
+- Process-local prompts (`local=True`): each process passes only its data slice's prompts
+  (`sharding.data_slice`); the processes agree on the prompt width with a small allgather, the
+  global batch is built from the slices (`sharding.from_local_batch`, each slice padded to its
+  own batch shards), and each process reads back only its own rows (`sharding.local_rows`).
 - Log-probs: `logprobs[r, i]` = log_softmax(logits / temperature)[token], the temperature-scaled
   distribution BEFORE top-k/top-p filtering (what a learner computing log pi(a|s) from logits /
   temperature reproduces; at temperature 1 it is the model's own log-prob). Greedy (temperature
@@ -263,7 +268,7 @@ def prefill_prompts(model, tokens, mask, plan: Plan):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
-def prefill(state, tokens, mask, key, row_offset, temperature, top_p, tables, finals, *,
+def prefill(state, tokens, mask, key, prompt_ids, temperature, top_p, tables, finals, *,
             graphdef, plan):
     """Prefill the B prompts once, repeat their cache n times, sample the first token."""
     model = nnx.merge(graphdef, state)
@@ -279,7 +284,7 @@ def prefill(state, tokens, mask, key, row_offset, temperature, top_p, tables, fi
     loop = _Loop(
         cache=cache, step=jnp.zeros((), jnp.int32), last=batch(jnp.zeros((r,), jnp.int32)),
         pos=batch(rep(jnp.sum(mask, axis=-1, dtype=jnp.int32), axis=0) - 1),
-        rows=batch(row_offset + jnp.arange(r, dtype=jnp.int32)),
+        rows=batch(rep(prompt_ids, axis=0) * n + jnp.arange(r, dtype=jnp.int32) % n),
         tokens=batch(jnp.zeros((r, m), jnp.int32)), logprobs=batch(jnp.zeros((r, m), jnp.float32)),
         lengths=batch(jnp.zeros((r,), jnp.int32)), done=batch(jnp.zeros((r,), bool)),
         stopped=batch(jnp.zeros((r,), bool)),
@@ -398,16 +403,26 @@ class Call:
     top_p: jax.Array
     tables: jax.Array | None  # stop-string KMP tables
     finals: jax.Array | None
+    prompt_ids: jax.Array  # int32 [Bp]: each prompt's index in the rollout (its rows' streams)
     prompts: int  # B
+    decode_rows: int  # rows up to the last real one in the global batch (continuous.py)
+    local: bool  # prompts and rows are this process's data slice
     stop_strings: tuple[str, ...]
-    prompt_tokens: np.ndarray  # int32 [B, Tp] on the host as given, pad ids zeroed
+    prompt_tokens: np.ndarray  # int32 [B, Tp] on the host, pad ids zeroed (Tp agreed by all)
     prompt_mask: np.ndarray  # bool [B, Tp]
+
+    def host_rows(self, x) -> np.ndarray:
+        """A device output [rows, ...] on the host: this process's rows (local) or all."""
+        return shd.local_rows(self.plan.mesh, x) if self.local else shd.to_host(x)
 
 
 def prepare(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
-            tokenizer=None, return_logits: bool = False) -> Call:
+            tokenizer=None, return_logits: bool = False, prompt_ids=None,
+            local: bool = False) -> Call:
     """Check the prompts and stops (clear errors, before anything compiles), pad the batch and
-    place the inputs on the mesh."""
+    place the inputs on the mesh. prompt_ids int [B]: the prompts' indices in the rollout
+    (default: 0, 1, ... counted from this data slice's first prompt). local: the prompts are this
+    process's data slice (see the module docstring)."""
     tokens = np.asarray(prompt_tokens).astype(np.int32)
     mask = np.asarray(prompt_mask).astype(bool)
     config = model.config
@@ -420,9 +435,22 @@ def prepare(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: 
         raise ValueError(f"stop_token_ids {stop_ids} must be in [0, {config.vocab_size})")
 
     b, tp = tokens.shape
-    shards = shd.axis_size(mesh, "batch")
+    index, slices = shd.data_slice(mesh) if local else (0, 1)
+    if slices > 1:  # every process must compile the same shapes: agree on them
+        sizes = shd.allgather_json([b, tp])
+        if len({s[0] for s in sizes}) > 1:
+            raise ValueError("process-local prompt batches must be the same size on every "
+                             f"process, got {[s[0] for s in sizes]} prompts")
+        tokens, mask = (np.pad(x, ((0, 0), (max(s[1] for s in sizes) - tp, 0)))
+                        for x in (tokens, mask))
+        b, tp = tokens.shape
+    prompt_ids = index * b + np.arange(b) if prompt_ids is None else np.asarray(prompt_ids)
+    if prompt_ids.shape != (b,):
+        raise ValueError(f"prompt_ids {prompt_ids.shape} must be one per prompt ({b})")
+    shards = shd.axis_size(mesh, "batch") // slices
     bp = -(-b // shards) * shards
     tpp = prompt_width(tp)
+    ids = np.concatenate([prompt_ids, prompt_ids[-1] + 1 + np.arange(bp - b)]).astype(np.int32)
     padded_tokens = np.zeros((bp, tpp), np.int32)
     padded_mask = np.zeros((bp, tpp), bool)
     padded_tokens[:b, tpp - tp:], padded_mask[:b, tpp - tp:] = tokens, mask
@@ -442,35 +470,38 @@ def prepare(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: 
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     rep = shd.replicated(mesh)
     graphdef, state = nnx.split(model)
+    put = shd.from_local_batch if local else shd.shard_batch
     return Call(plan=plan, graphdef=graphdef, state=serving_state(state, mesh, model.dtype),
-                tokens=shd.shard_batch(mesh, padded_tokens),
-                mask=shd.shard_batch(mesh, padded_mask),
+                tokens=put(mesh, padded_tokens), mask=put(mesh, padded_mask),
                 key=jax.device_put(key, rep),
                 temperature=jax.device_put(np.float32(params.temperature or 1.0), rep),
                 top_p=jax.device_put(np.float32(params.top_p), rep), tables=tables, finals=finals,
-                prompts=b, stop_strings=stop_strs, prompt_tokens=tokens, prompt_mask=mask)
+                prompt_ids=put(mesh, ids), prompts=b,
+                decode_rows=((slices - 1) * bp + b) * params.n, local=local,
+                stop_strings=stop_strs, prompt_tokens=tokens, prompt_mask=mask)
 
 
 def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any, mesh: Mesh,
-           tokenizer=None, return_logits: bool = False, row_offset: int = 0,
+           tokenizer=None, return_logits: bool = False, prompt_ids=None, local: bool = False,
            on_progress=None) -> Rollout:
     """Sample `params.n` completions for each left-padded prompt.
 
     model: a decoder (models/decoder.py) whose params are on `mesh`; prompt_tokens int32 [B, Tp],
     prompt_mask bool [B, Tp] (left-padded); seed: int or a jax PRNG key; tokenizer: adds its EOS
     ids to the stop ids, is required for stop strings, and fills `Rollout.texts`. return_logits
-    keeps every step's raw logits (debugging and tests: R*M*V floats). row_offset: the rollout
-    index of this call's first row (its random stream), when a rollout is split into calls.
+    keeps every step's raw logits (debugging and tests: R*M*V floats). prompt_ids: the prompts'
+    indices in the rollout (their rows' random streams), when a rollout is split into calls.
+    local: the prompts are this process's data slice, and so are the returned rows.
     on_progress(rows_done, tokens): called every PROGRESS_EVERY decode steps with the finished
     rows and generated tokens so far (of the B*n real rows), for progress lines.
     """
     c = prepare(model, prompt_tokens, prompt_mask, params, seed=seed, mesh=mesh,
-                tokenizer=tokenizer, return_logits=return_logits)
+                tokenizer=tokenizer, return_logits=return_logits, prompt_ids=prompt_ids,
+                local=local)
     static = dict(graphdef=c.graphdef, plan=c.plan)
-    offset = jax.device_put(np.int32(row_offset), shd.replicated(mesh))
     t0 = time.perf_counter()
-    loop = prefill(c.state, c.tokens, c.mask, c.key, offset, c.temperature, c.top_p, c.tables,
-                   c.finals, **static)
+    loop = prefill(c.state, c.tokens, c.mask, c.key, c.prompt_ids, c.temperature, c.top_p,
+                   c.tables, c.finals, **static)
     jax.block_until_ready(loop)
     t1 = time.perf_counter()
     if on_progress is None:
@@ -482,9 +513,9 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
                                    shd.replicated(mesh))
             loop = decode(c.state, loop, c.temperature, c.top_p, c.tables, c.finals, until,
                           **static)
-            done = shd.to_host(loop.done)
-            on_progress(int(done[:r].sum()), int(shd.to_host(loop.lengths)[:r].sum()))
-            if done.all():
+            mine = c.host_rows(loop.done)[:r]
+            on_progress(int(mine.sum()), int(c.host_rows(loop.lengths)[:r].sum()))
+            if shd.to_host(loop.done).all():  # every process's rows: all stop together
                 break
     jax.block_until_ready(loop)
     steps = int(loop.step)  # with compilation on a first call
@@ -493,17 +524,18 @@ def sample(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: A
     r = c.prompts * params.n
     return finish(c, loop.tokens, loop.logprobs, loop.lengths, loop.stopped, rows=r,
                   params=params, tokenizer=tokenizer, timings=timings,
-                  logits=shd.to_host(loop.logits)[:r] if return_logits else None)
+                  logits=c.host_rows(loop.logits)[:r] if return_logits else None)
 
 
 def finish(c: Call, tokens, logprobs, lengths, stopped, *, rows: int, params: SamplingParams,
            tokenizer, timings: dict, logits=None) -> Rollout:
-    """The Rollout of call `c` from the first `rows` rows of the device buffers [>= rows, M]."""
-    lengths = shd.to_host(lengths)[:rows]
+    """The Rollout of call `c` from the first `rows` rows of the device buffers [>= rows, M]
+    (of this process's slice when the call is local)."""
+    lengths = c.host_rows(lengths)[:rows]
     rollout = Rollout(
-        tokens=shd.to_host(tokens)[:rows], logprobs=shd.to_host(logprobs)[:rows],
+        tokens=c.host_rows(tokens)[:rows], logprobs=c.host_rows(logprobs)[:rows],
         mask=np.arange(params.max_new_tokens)[None, :] < lengths[:, None], lengths=lengths,
-        finish_reason=np.where(shd.to_host(stopped)[:rows], "stop", "length"), logits=logits,
+        finish_reason=np.where(c.host_rows(stopped)[:rows], "stop", "length"), logits=logits,
         timings=timings, prompt_tokens=np.repeat(c.prompt_tokens, params.n, axis=0),
         prompt_mask=np.repeat(c.prompt_mask, params.n, axis=0))
     if tokenizer is not None:
