@@ -128,6 +128,13 @@ def _add_eval(sub):
     p.add_argument("--mesh", default="data=-1")
     p.add_argument("--dtype", choices=dtypes.NAMES, default="bfloat16")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per sampler call")
+    p.add_argument("--decode-slots", type=int, default=0,
+                   help="continuous batching over each benchmark on this many decode slots "
+                        "(0: static calls of --batch-size)")
+    p.add_argument("--page-size", type=int, default=0,
+                   help="with --decode-slots: a paged KV cache of pages of this many tokens")
+    p.add_argument("--cache-pages", type=int, default=0,
+                   help="with --page-size: pages in the pool (0: every slot at full length)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip (and count) longer prompts")
     p.add_argument("--workers", type=int, default=None, help="grader processes")

@@ -228,12 +228,14 @@ def grade_records(records: list[dict], pool, default_template: str = "qwen_math"
 
 def sample_benchmark(model, tokenizer, name: str, rows: Sequence[dict], params, *, task, mesh,
                      pool, batch_size: int = 64, seed: int = 0,
-                     max_prompt_tokens: int | None = None,
-                     progress: Progress | None = None) -> tuple[list[dict], int]:
+                     max_prompt_tokens: int | None = None, progress: Progress | None = None,
+                     continuous: dict | None = None) -> tuple[list[dict], int]:
     """Graded records (ordered by index, then sample) of one benchmark, and how many prompts
     were skipped for exceeding `max_prompt_tokens`. Prompts go through the one generation path
     in calls of `batch_size`, shortest first (narrow calls for short prompts); each call's
-    responses are graded as the next one samples."""
+    responses are graded as the next one samples. `continuous`: generate's decode_slots,
+    page_size and cache_pages: one continuous batch over the benchmark instead (graded at the
+    end; every slot busy until the last rows, where a static call waits for its longest)."""
     from r1zero_jax.sampling.generation import generate
     from r1zero_jax.tasks import score
 
@@ -278,7 +280,7 @@ def sample_benchmark(model, tokenizer, name: str, rows: Sequence[dict], params, 
 
     generate(model, [prompt_ids[i] for i in keep], params, tokenizer=tokenizer, mesh=mesh,
              seed=seed, prompts_per_call=batch_size, on_call=grade_call,
-             on_progress=report if progress is not None else None)
+             on_progress=report if progress is not None else None, **(continuous or {}))
     records.sort(key=lambda r: (r["index"], r["sample"]))
     return records, skipped
 
@@ -286,15 +288,17 @@ def sample_benchmark(model, tokenizer, name: str, rows: Sequence[dict], params, 
 def evaluate(model, tokenizer, rows_by_benchmark: Mapping[str, Sequence[dict]], params, *,
              task, mesh, pool, seed: int = 0, batch_size: int = 64,
              max_prompt_tokens: int | None = None, progress: bool = False,
-             on_benchmark: Callable[[str, list[dict]], None] | None = None) -> dict:
+             on_benchmark: Callable[[str, list[dict]], None] | None = None,
+             continuous: dict | None = None) -> dict:
     """Sample (`params`, a SamplingParams) and grade every benchmark with `task`'s prompts and
     rewards; the `summarize` dict (results.json's scores). The `eval` command and the trainer's
     held-out eval both come here.
 
     `rows_by_benchmark`: {name: [rows]}, any names; `pool`: a grader pool running the task's
     reward function; `on_benchmark` receives each benchmark's graded records as soon as it is
-    done (to write them). Truncated responses are graded on their text, as in the paper's
-    evaluation (training instead gives them 0, see rl/trainer.py)."""
+    done (to write them); `continuous`: see `sample_benchmark`. Truncated responses are graded
+    on their text, as in the paper's evaluation (training instead gives them 0, see
+    rl/trainer.py)."""
     if not rows_by_benchmark or not all(rows_by_benchmark.values()):
         raise ValueError("evaluate needs at least one benchmark, each with rows")
     bar = None
@@ -310,7 +314,8 @@ def evaluate(model, tokenizer, rows_by_benchmark: Mapping[str, Sequence[dict]], 
     for name, rows in rows_by_benchmark.items():
         records[name], skipped[name] = sample_benchmark(
             model, tokenizer, name, rows, params, task=task, mesh=mesh, pool=pool,
-            batch_size=batch_size, seed=seed, max_prompt_tokens=max_prompt_tokens, progress=bar)
+            batch_size=batch_size, seed=seed, max_prompt_tokens=max_prompt_tokens, progress=bar,
+            continuous=continuous)
         if on_benchmark is not None:
             on_benchmark(name, records[name])
         if bar is not None:
@@ -387,7 +392,8 @@ def eval_cli(model: str | None = None, benchmarks: str | None = None,
              dtype: str = "bfloat16", max_prompt_tokens: int | None = None,
              workers: int | None = None, grader_timeout: float = 5.0,
              coordinator: str | None = None, num_processes: int | None = None,
-             process_id: int | None = None) -> int:
+             process_id: int | None = None, decode_slots: int = 0, page_size: int = 0,
+             cache_pages: int = 0) -> int:
     """`r1zero-jax eval`: print Table 4, write results.json and generations.jsonl.
 
     With several processes (a pod, or --coordinator ...), every process samples its share of
@@ -398,6 +404,15 @@ def eval_cli(model: str | None = None, benchmarks: str | None = None,
     check_template(template)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    for flag, v in (("--decode-slots", decode_slots), ("--page-size", page_size),
+                    ("--cache-pages", cache_pages)):
+        if v < 0:
+            raise ValueError(f"{flag} must be >= 0, got {v}")
+    if (page_size or cache_pages) and not decode_slots:
+        raise ValueError("--page-size and --cache-pages page the cache of continuous batching: "
+                         "set --decode-slots too")
+    continuous = (dict(decode_slots=decode_slots, page_size=page_size, cache_pages=cache_pages)
+                  if decode_slots else None)
     if (model is None) == (responses is None):
         raise ValueError("give either --model (sample and grade) or --responses (re-grade)")
     names = (None if benchmarks is None and responses is not None
@@ -434,7 +449,7 @@ def eval_cli(model: str | None = None, benchmarks: str | None = None,
                 max_new_tokens=max_new_tokens, temperature=temperature, n=n, limit=limit,
                 data_dir=data_dir, source_dir=source_dir, mesh_spec=mesh, batch_size=batch_size,
                 tokenizer_path=tokenizer, top_p=top_p, seed=seed, dtype=dtype,
-                max_prompt_tokens=max_prompt_tokens, writer=writer)
+                max_prompt_tokens=max_prompt_tokens, writer=writer, continuous=continuous)
     if not writer:
         return 0
     results = {**run, "seconds": round(time.monotonic() - start, 1), **results}
@@ -455,7 +470,7 @@ def _label(path: str) -> str:
 
 def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, temperature, n, limit,
                 data_dir, source_dir, mesh_spec, batch_size, tokenizer_path, top_p, seed, dtype,
-                max_prompt_tokens, writer=True):
+                max_prompt_tokens, writer=True, continuous=None):
     from r1zero_jax.convert.hf import load_model, load_tokenizer
     from r1zero_jax.sampling.sampler import SamplingParams
     from r1zero_jax.sharding import make_mesh
@@ -482,8 +497,9 @@ def _eval_model(model_path, names, run, pool, gen_path, *, max_new_tokens, tempe
         model, tok, rows, params, task=task, seed=seed, batch_size=batch_size,
         max_prompt_tokens=max_prompt_tokens, mesh=mesh, pool=pool, progress=True,
         on_benchmark=(lambda name, records: write_jsonl(gen_path, records, append=True))
-        if writer else None)
+        if writer else None, continuous=continuous)
     run = {**run, "model": os.path.abspath(model_path), "mesh": mesh_spec, "dtype": dtype,
            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature,
-                        "top_p": top_p, "n": n, "seed": seed, "batch_size": batch_size}}
+                        "top_p": top_p, "n": n, "seed": seed, "batch_size": batch_size,
+                        **(continuous or {})}}
     return results, run

@@ -83,7 +83,7 @@ def test_rows_match_one_static_call_for_any_slot_count(spec, prompts, slot_count
         assert out.timings["decode_steps"] <= -(-ref.lengths.sum() // slots) + 14 + 1
 
 
-def test_rollout_generate_static_calls_and_continuous_agree():
+def test_rollout_generate_static_calls_and_continuous_agree(monkeypatch):
     """The generation path: static calls of 2 prompts (rows keyed by their rollout index; one
     big call is the test above) and continuous batching with 3 slots give the same Rollout; the
     report's figures are the hand-computed ones."""
@@ -104,5 +104,16 @@ def test_rollout_generate_static_calls_and_continuous_agree():
     assert cont.report["slot_utilization"] == pytest.approx(
         total / (3 * cont.report["decode_steps"]))
     assert cont.report["tokens_per_s"] > 0
+    # Progress from inside the loop (every 4 steps here): the same rollout, finished rows and
+    # tokens growing to all
+    from r1zero_jax.sampling import continuous
+
+    monkeypatch.setattr(continuous, "PROGRESS_EVERY", 4)
+    seen = []
+    again = generate(model, prompts, params, decode_slots=3, **kw,
+                     on_progress=lambda rows, tokens: seen.append((rows, tokens)))
+    np.testing.assert_array_equal(again.tokens, cont.tokens)
+    assert len(seen) >= cont.report["decode_steps"] // 4 and seen == sorted(seen)
+    assert seen[0][0] < 8 and seen[-1] == (8, total)
     with pytest.raises(ValueError, match="decode slots must be >= 1"):
         sample_continuous(model, tokens, mask, params, seed=0, mesh=kw["mesh"], slots=0)

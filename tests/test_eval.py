@@ -336,3 +336,28 @@ def test_tiny_model_sampled_eval_reports_pass_at_k(tiny_model_dir, benchmark_dir
                                                          for j in range(3)]
     # Three samples of a random model over 151k tokens differ.
     assert len({g["response"] for g in gens if g["index"] == 0}) == 3
+
+
+def test_continuous_and_paged_eval_give_the_static_calls_generations(tiny_model_dir,
+                                                                     benchmark_dir, tmp_path,
+                                                                     capsys):
+    """--decode-slots (one continuous batch per benchmark) on a paged cache: the same greedy
+    responses and scores as static calls of --batch-size, with progress lines."""
+    model_dir, _ = tiny_model_dir
+    base = ["eval", "--model", model_dir, "--data-dir", benchmark_dir, "--limit", "3",
+            "--benchmarks", "amc23,math500", "--max-new-tokens", "6", "--dtype", "float32",
+            "--workers", "1"]
+    assert cli.main(base + ["--batch-size", "2", "--output-dir", str(tmp_path / "static")]) == 0
+    capsys.readouterr()
+    assert cli.main(base + ["--decode-slots", "2", "--page-size", "4",
+                            "--output-dir", str(tmp_path / "paged")]) == 0
+    assert "ETA" in capsys.readouterr().err
+    read = lambda d: [json.loads(line) for line in  # noqa: E731
+                      (tmp_path / d / "generations.jsonl").read_text().splitlines()]
+    assert read("paged") == read("static")
+    paged = json.loads((tmp_path / "paged" / "results.json").read_text())
+    assert paged["benchmarks"] == json.loads(
+        (tmp_path / "static" / "results.json").read_text())["benchmarks"]
+    assert paged["sampling"]["decode_slots"] == 2 and paged["sampling"]["page_size"] == 4
+    assert cli.main(base + ["--page-size", "4", "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "set --decode-slots too" in capsys.readouterr().err

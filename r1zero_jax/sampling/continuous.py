@@ -48,9 +48,9 @@ from r1zero_jax import sharding as shd
 from r1zero_jax.models.decoder import KVCache
 from r1zero_jax.models.paged import PagedKVCache
 from r1zero_jax.sampling import vocab_parallel
-from r1zero_jax.sampling.sampler import (Plan, Rollout, SamplingParams, _choose, _constrain,
-                                         _constrain_cache, _stop_hit, finish, prefill_prompts,
-                                         prepare)
+from r1zero_jax.sampling.sampler import (PROGRESS_EVERY, Plan, Rollout, SamplingParams, _choose,
+                                         _constrain, _constrain_cache, _stop_hit, finish,
+                                         prefill_prompts, prepare)
 
 REFILLS_PER_STEP = 8
 
@@ -307,9 +307,10 @@ def start(state, tokens, mask, key, num_rows, prompt_ids, *, graphdef, plan: Pla
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "refills"),
                    donate_argnames=("s",))
-def run(state, s: _Slots, temperature, top_p, tables, finals, *, graphdef, plan: Plan,
-        refills: int = REFILLS_PER_STEP) -> _Slots:
-    """Decode until every row of the rollout is done."""
+def run(state, s: _Slots, temperature, top_p, tables, finals, until=None, *, graphdef,
+        plan: Plan, refills: int = REFILLS_PER_STEP) -> _Slots:
+    """Decode until every row of the rollout is done (or the loop has run `until` iterations,
+    an int32 scalar: the host then reports progress and calls again)."""
     model = nnx.merge(graphdef, state)
     mesh, m = plan.mesh, plan.max_new_tokens
     tp = s.prompt_cache.valid.shape[1]
@@ -364,18 +365,23 @@ def run(state, s: _Slots, temperature, top_p, tables, finals, *, graphdef, plan:
             stopped=s.stopped.at[ended].set(hit, mode="drop"))
         return _refill(s, done | preempted | ~(s.row < s.num_rows), min(refills, slots), plan)
 
-    return jax.lax.while_loop(lambda s: jnp.any(s.row < s.num_rows) | jnp.any(s.pending),
-                              body, s)
+    def cond(s: _Slots):
+        going = jnp.any(s.row < s.num_rows) | jnp.any(s.pending)
+        return going if until is None else going & (s.iterations < until)
+
+    return jax.lax.while_loop(cond, body, s)
 
 
 def sample_continuous(model, prompt_tokens, prompt_mask, params: SamplingParams, *, seed: Any,
                       mesh: Mesh, slots: int, tokenizer=None, page_size: int = 0,
-                      pages: int = 0, local: bool = False) -> Rollout:
+                      pages: int = 0, local: bool = False, on_progress=None) -> Rollout:
     """`sampler.sample` over the whole rollout with `slots` decode slots (rounded up to a
     multiple of the batch shards): the same Rollout, row for row. page_size > 0: a paged cache
     of `pages` pages (0: enough for every slot at full length, so no row is ever preempted;
     rounded up to a multiple of the batch shards). local: the prompts are this process's data
-    slice, and so are the returned rows (slots take rows of every slice)."""
+    slice, and so are the returned rows (slots take rows of every slice). on_progress(rows,
+    tokens): called every PROGRESS_EVERY decode steps with the finished rows and their tokens
+    (of every slice)."""
     if slots < 1:
         raise ValueError(f"decode slots must be >= 1, got {slots}")
     if page_size < 0 or pages < 0:
@@ -406,7 +412,17 @@ def sample_continuous(model, prompt_tokens, prompt_mask, params: SamplingParams,
               slots=slots, **static, **paging)
     jax.block_until_ready(s)
     t1 = time.perf_counter()
-    s = run(c.state, s, c.temperature, c.top_p, c.tables, c.finals, **static)
+    if on_progress is None:
+        s = run(c.state, s, c.temperature, c.top_p, c.tables, c.finals, **static)
+    else:
+        while True:
+            until = int(s.iterations) + PROGRESS_EVERY
+            s = run(c.state, s, c.temperature, c.top_p, c.tables, c.finals,
+                    jax.device_put(np.int32(until), shd.replicated(mesh)), **static)
+            lengths = shd.to_host(s.lengths)  # a finished row has its length set
+            on_progress(int((lengths > 0).sum()), int(lengths.sum()))
+            if int(s.iterations) < until:
+                break
     jax.block_until_ready(s)
     steps = int(s.iterations)
     timings = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1,

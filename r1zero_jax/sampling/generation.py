@@ -61,7 +61,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingPara
     tokens: one key, each row's stream keyed by its index in the rollout. `seed`: an int or a
     JAX key. `on_call(first_prompt, rollout)` sees each call's rollout as it finishes (grading
     while the next call samples); `on_progress(rows, tokens)` gets the finished rows and
-    generated tokens of the rollout so far from inside long static calls (progress lines). The
+    generated tokens of the rollout so far from inside long calls (progress lines). The
     returned Rollout's `report` is `sampler.rollout_report` over the calls (generated tokens of
     every slice). local: `prompt_tokens` are this process's data slice, every slice the same
     count, and the Rollout holds their rows only (progress counts them too)."""
@@ -92,7 +92,8 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]], params: SamplingPara
         ptok, pmask = left_pad(prompt_tokens, pad, prompt_width(max(map(len, prompt_tokens))))
         parts.append(sample_continuous(model, ptok, pmask, params, seed=key, mesh=mesh,
                                        slots=decode_slots, tokenizer=tokenizer,
-                                       page_size=page_size, pages=cache_pages, local=local))
+                                       page_size=page_size, pages=cache_pages, local=local,
+                                       on_progress=on_progress))
         if on_call is not None:
             on_call(0, parts[0])
     else:
