@@ -321,8 +321,8 @@ def compile_programs(cfg, qconfig, mesh, *, programs=("learn", "prefill", "decod
             if s.page_size:
                 width = continuous.pages_per_slot(sampler.prompt_width(tp), s.max_new_tokens,
                                                   s.page_size)
-                pages = -(-(s.cache_pages or slots * width) // shards) * shards
-                paging = dict(page_size=s.page_size, pages=pages)
+                paging = dict(page_size=s.page_size, pages=continuous.pool_pages(
+                    s.cache_pages, slots=slots, width=width, shards=shards))
             start = lambda: continuous.start.lower(  # noqa: E731
                 abs_state, rows(jnp.int32), rows(bool), key, int_scalar, prompt_ids, slots=slots,
                 **static, **paging)

@@ -283,16 +283,11 @@ class Decoder(nnx.Module):
         write flags say what each row attends to."""
         t = tokens.shape[1]
         x = _pin(jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype), _X_AXES)
-        if isinstance(cache, PagedKVCache):
-            new_k, new_v = [], []
-            for i, layer in enumerate(self.layers):
-                x, (k, v) = layer(x, positions, None, None, None, (cache.k[i], cache.v[i]), cache)
-                x = _pin(x, _X_AXES)
-                new_k.append(k)
-                new_v.append(v)
-            return self.final_norm(x), cache.replace(
-                k=tuple(new_k), v=tuple(new_v), length=cache.length + cache.write)
-        if cache is None:
+        paged = isinstance(cache, PagedKVCache)
+        index = cache if paged else None if cache is None else cache.index
+        if paged:  # the cache's lengths say what each row attends to
+            key_valid = key_slot = query_slot = None
+        elif cache is None:
             key_valid, key_slot, query_slot = mask, jnp.arange(t), jnp.arange(t)
         else:
             s = cache.valid.shape[1]
@@ -305,13 +300,15 @@ class Decoder(nnx.Module):
                 x = nnx.remat(lambda m, *a: m(*a)[0])(layer, x, positions, key_valid, key_slot,
                                                       query_slot)
             else:
-                x, kv = layer(x, positions, key_valid, key_slot, query_slot, kv,
-                              None if cache is None else cache.index)
+                x, kv = layer(x, positions, key_valid, key_slot, query_slot, kv, index)
             x = _pin(x, _X_AXES)
             if cache is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        if cache is not None:
+        if paged:
+            cache = cache.replace(k=tuple(new_k), v=tuple(new_v),
+                                  length=cache.length + cache.write)
+        elif cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid,
                             index=cache.index + t)
         return self.final_norm(x), cache

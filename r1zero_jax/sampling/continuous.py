@@ -90,6 +90,13 @@ def _mesh_axes(entry) -> tuple[str, ...]:
     return entry if isinstance(entry, tuple) else (entry,) if entry else ()
 
 
+def _local_slot(slot, rows: int, batch: tuple[str, ...]):
+    """Inside shard_map over the `batch` mesh axes, with `rows` slots per shard: (slot's index
+    in this shard, clipped into it; whether this shard holds the slot)."""
+    first = jax.lax.axis_index(batch) * rows if batch else 0
+    return jnp.clip(slot - first, 0, rows - 1), (slot >= first) & (slot < first + rows)
+
+
 def _put_row(x, update, axes, *, slot, mesh: Mesh):
     """x [S, ...] laid out by logical `axes` (slots over the batch shards); update [1, ...] no
     larger than a row, written at the start of row `slot`, by the shard that holds that row
@@ -100,12 +107,9 @@ def _put_row(x, update, axes, *, slot, mesh: Mesh):
         update, NamedSharding(mesh, P(None, *spec[1:])))
 
     def local(x, u, slot):
-        rows = x.shape[0]
-        first = jax.lax.axis_index(batch) * rows if batch else 0
-        at = jnp.clip(slot - first, 0, rows - 1)
+        at, mine = _local_slot(slot, x.shape[0], batch)
         start = (at,) + (0,) * (x.ndim - 1)
         old = jax.lax.dynamic_slice(x, start, u.shape)
-        mine = (slot >= first) & (slot < first + rows)
         return jax.lax.dynamic_update_slice(x, jnp.where(mine, u.astype(x.dtype), old), start)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(None, *spec[1:]), P()),
@@ -162,12 +166,9 @@ def _put_pages(pool, update, table, *, slot, count, mesh: Mesh):
     batch = () if mesh.devices.size == 1 else _mesh_axes(spec[0])
 
     def local(pool, u, table, slot, count):
-        rows = table.shape[0]
-        first = jax.lax.axis_index(batch) * rows if batch else 0
-        at = jnp.clip(slot - first, 0, rows - 1)
+        at, mine = _local_slot(slot, table.shape[0], batch)
         j = jnp.arange(u.shape[0])
-        mine = (slot >= first) & (slot < first + rows) & (j < count)
-        return pool.at[jnp.where(mine, table[at, j], pool.shape[0])].set(
+        return pool.at[jnp.where(mine & (j < count), table[at, j], pool.shape[0])].set(
             u.astype(pool.dtype), mode="drop")
 
     if not batch:
@@ -270,6 +271,12 @@ def pages_per_slot(prompt_width: int, max_new_tokens: int, page_size: int) -> in
     return -(-(prompt_width + max_new_tokens) // page_size)
 
 
+def pool_pages(pages: int, *, slots: int, width: int, shards: int) -> int:
+    """The pool's pages: `pages`, or (0) `slots` rows of `width` pages (W) each, so that no row
+    is ever preempted; rounded up to a multiple of the batch shards."""
+    return -(-(pages or slots * width) // shards) * shards
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "slots", "page_size", "pages"))
 def start(state, tokens, mask, key, num_rows, prompt_ids, *, graphdef, plan: Plan, slots: int,
           page_size: int = 0, pages: int = 0) -> _Slots:
@@ -285,7 +292,7 @@ def start(state, tokens, mask, key, num_rows, prompt_ids, *, graphdef, plan: Pla
         cache = PagedKVCache.init(model.config, slots=slots, pages=pages, page_size=page_size,
                                   pages_per_slot=pages_per_slot(tp, m, page_size),
                                   dtype=model.dtype)
-        cache = jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
+        cache = _constrain_cache(cache, mesh)
         paged = dict(free=_slot(jnp.ones((pages,), bool), mesh),
                      held=zeros((slots,), jnp.int32), preemptions=jnp.zeros((), jnp.int32))
     else:
@@ -351,13 +358,10 @@ def run(state, s: _Slots, temperature, top_p, tables, finals, until=None, *, gra
         at = jnp.where(active, s.row, idle)  # idle slots write nowhere (mode="drop")
         ended = jnp.where(done, s.row, idle)
         if paged:
-            cache = jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
             free, held = _per_shard(_release, mesh, s.free, cache.table, s.held, done)
             s = s.replace(free=free, held=held)
-        else:
-            cache = _constrain_cache(cache, mesh)
         s = s.replace(
-            cache=cache, step=s.step + 1, last=token,
+            cache=_constrain_cache(cache, mesh), step=s.step + 1, last=token,
             stop_state=stop_state, iterations=s.iterations + 1,
             tokens=s.tokens.at[at, s.step].set(token, mode="drop"),
             logprobs=s.logprobs.at[at, s.step].set(logp, mode="drop"),
@@ -394,7 +398,7 @@ def sample_continuous(model, prompt_tokens, prompt_mask, params: SamplingParams,
     paging = {}
     if page_size:
         width = pages_per_slot(c.tokens.shape[1], params.max_new_tokens, page_size)
-        pages = -(-(pages or slots * width) // shards) * shards
+        pages = pool_pages(pages, slots=slots, width=width, shards=shards)
         if pages // shards < width:
             raise ValueError(
                 f"a paged cache of {pages} pages of {page_size} tokens leaves "
